@@ -1,0 +1,67 @@
+// Vm: one KVM virtual machine with its memory, vCPUs and devices. The single object the
+// command line and the gRPC API drive.
+#ifndef MICROVMM_VMM_VM_H_
+#define MICROVMM_VMM_VM_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "proto/vm_config.pb.h"
+
+namespace microvmm {
+
+// Process exit statuses of the VMM. A test guest's test-exit status s (0..63) is passed through.
+inline constexpr int kExitOk = 0;             // guest shutdown / reset / API shutdown
+inline constexpr int kExitUsage = 1;          // bad command line or configuration
+inline constexpr int kExitVmmError = 70;      // the VMM itself failed at run time
+inline constexpr int kExitGuestCrash = 71;    // triple fault (KVM_EXIT_SHUTDOWN)
+inline constexpr int kExitKvmError = 72;      // KVM internal error / failed entry / emulation failure
+inline constexpr int kExitGuestPanic = 73;    // guest wrote to the pvpanic port
+
+enum class VmState { kCreated, kRunning, kPaused, kExited };
+const char* VmStateName(VmState s);
+
+struct VmExit {
+  int status = 0;       // what the VMM process should exit with
+  std::string reason;   // one line, human readable
+};
+
+class Vm {
+ public:
+  // Validates `config` and builds the VM: memory, irqchip, vCPUs, devices, guest loaded.
+  // Nothing runs until Boot(). Errors are INVALID_ARGUMENT (bad config) or INTERNAL.
+  static absl::StatusOr<std::unique_ptr<Vm>> Create(const VmConfig& config);
+  virtual ~Vm();
+
+  // CREATED -> RUNNING.
+  virtual absl::Status Boot() = 0;
+  // RUNNING -> PAUSED. Returns once every vCPU is out of KVM_RUN.
+  virtual absl::Status Pause() = 0;
+  // PAUSED -> RUNNING.
+  virtual absl::Status Resume() = 0;
+  // Any state -> EXITED (reason "shutdown requested", status 0). Idempotent.
+  virtual absl::Status Shutdown() = 0;
+
+  virtual VmState state() const = 0;
+  virtual std::optional<VmExit> exit_info() const = 0;
+  virtual absl::Duration uptime() const = 0;  // since Boot(), zero before
+  virtual const VmConfig& config() const = 0;
+
+  // Blocks until the VM has exited (guest reset, crash, Shutdown()).
+  virtual VmExit WaitForExit() = 0;
+  // Like WaitForExit with a timeout; nullopt if still not exited.
+  virtual std::optional<VmExit> WaitForExitFor(absl::Duration timeout) = 0;
+};
+
+// Checks a configuration without building anything (also used by the API before CreateVm).
+// Fills defaults into `config` (serial mode, cmdline).
+absl::Status ValidateAndDefaultConfig(VmConfig& config);
+
+}  // namespace microvmm
+
+#endif  // MICROVMM_VMM_VM_H_
