@@ -1,0 +1,153 @@
+#include "vmm/cli.h"
+
+#include <charconv>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace microvmm {
+
+std::string VmmUsage() {
+  return R"(usage: vmm [FLAGS]
+
+Runs one microVM on KVM. Give a guest (--kernel or --test-guest) to build and boot it at once,
+and/or --api-socket to control the VMM over gRPC (service microvmm.Vmm; see vmmctl --help).
+
+Guest:
+  --kernel PATH          Linux bzImage (64-bit boot protocol) or PVH ELF vmlinux
+  --initrd PATH          initramfs for the kernel
+  --cmdline STRING       kernel command line (default: "console=ttyS0 reboot=k panic=1")
+  --test-guest NAME      built-in freestanding test guest (hello, smp, memwalk, fault) or a
+                         path to a flat binary linked at 0x100000
+  --test-guest-args STR  argument string for the test guest, e.g. "mib=8 gens=10"
+
+Machine:
+  --vcpus N              number of vCPUs (default 1, max 254; test guests max 64)
+  --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
+  --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
+
+Control:
+  --api-socket PATH      serve the gRPC control API on this unix socket (also unix:PATH,
+                         unix-abstract:NAME, HOST:PORT). With an API socket the process stays up
+                         after the guest exits (GetInfo reports why) until a Shutdown call,
+                         SIGINT or SIGTERM; without one it exits with the guest.
+  --log-level LEVEL      debug, info (default), warn, error
+  -h, --help             this text
+
+Exit status: 0 guest shutdown/reset or shutdown requested; 1 bad command line or configuration;
+the test guest's status (1..63) for a test-exit; 70 VMM run-time error; 71 guest crash (triple
+fault); 72 KVM internal error or failed entry (register dump in the log); 73 guest panic (pvpanic).
+)";
+}
+
+absl::StatusOr<SerialConfig> ParseSerialSpec(const std::string& spec) {
+  SerialConfig s;
+  if (spec == "stdout") {
+    s.set_mode(SerialConfig::STDOUT);
+  } else if (spec == "none") {
+    s.set_mode(SerialConfig::NONE);
+  } else if (absl::StartsWith(spec, "file:") && spec.size() > 5) {
+    s.set_mode(SerialConfig::FILE);
+    s.set_path(spec.substr(5));
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad --serial '", spec, "': expected stdout, none or file:PATH"));
+  }
+  return s;
+}
+
+absl::StatusOr<uint64_t> ParseMemoryMib(const std::string& spec) {
+  std::string num = spec;
+  uint64_t mult = 1;
+  if (!num.empty() && (num.back() == 'M' || num.back() == 'm')) {
+    num.pop_back();
+  } else if (!num.empty() && (num.back() == 'G' || num.back() == 'g')) {
+    num.pop_back();
+    mult = 1024;
+  }
+  uint64_t v = 0;
+  if (num.empty() || !absl::SimpleAtoi(num, &v) || num[0] == '-' || v > (1ULL << 40) / mult)
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad --memory '", spec, "': expected MiB or a size like 512M / 2G"));
+  return v * mult;
+}
+
+absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
+  VmmOptions o;
+  o.config.set_vcpus(1);
+  o.config.set_memory_mib(128);
+  o.config.mutable_serial()->set_mode(SerialConfig::STDOUT);
+  for (size_t i = 0; i < args.size(); ++i) {
+    std::string flag = args[i];
+    std::string value;
+    bool inline_value = false;
+    if (flag == "-h" || flag == "--help") {
+      o.help = true;
+      continue;
+    }
+    if (!absl::StartsWith(flag, "--"))
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", flag, "'"));
+    if (size_t eq = flag.find('='); eq != std::string::npos) {
+      value = flag.substr(eq + 1);
+      flag = flag.substr(0, eq);
+      inline_value = true;
+    }
+    auto need = [&]() -> absl::Status {
+      if (inline_value) return absl::OkStatus();
+      if (i + 1 >= args.size())
+        return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
+      value = args[++i];
+      return absl::OkStatus();
+    };
+    static const char* kKnown[] = {"--kernel", "--initrd", "--cmdline", "--test-guest",
+                                   "--test-guest-args", "--vcpus", "--memory", "--serial",
+                                   "--api-socket", "--log-level"};
+    bool known = false;
+    for (const char* k : kKnown) known |= flag == k;
+    if (!known)
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag '", flag, "' (see --help)"));
+    if (absl::Status s = need(); !s.ok()) return s;
+    if (flag == "--kernel") {
+      o.config.set_kernel(value);
+    } else if (flag == "--initrd") {
+      o.config.set_initrd(value);
+    } else if (flag == "--cmdline") {
+      o.config.set_cmdline(value);
+    } else if (flag == "--test-guest") {
+      o.config.set_test_guest(value);
+    } else if (flag == "--test-guest-args") {
+      o.config.set_test_guest_args(value);
+    } else if (flag == "--vcpus") {
+      uint32_t n = 0;
+      if (!absl::SimpleAtoi(value, &n) || value[0] == '-')
+        return absl::InvalidArgumentError(absl::StrCat("bad --vcpus '", value, "'"));
+      o.config.set_vcpus(n);
+    } else if (flag == "--memory") {
+      auto m = ParseMemoryMib(value);
+      if (!m.ok()) return m.status();
+      o.config.set_memory_mib(*m);
+    } else if (flag == "--serial") {
+      auto s = ParseSerialSpec(value);
+      if (!s.ok()) return s.status();
+      *o.config.mutable_serial() = *s;
+    } else if (flag == "--api-socket") {
+      if (value.empty()) return absl::InvalidArgumentError("--api-socket needs a path");
+      o.api_socket = value;
+    } else if (flag == "--log-level") {
+      if (value != "debug" && value != "info" && value != "warn" && value != "error")
+        return absl::InvalidArgumentError(absl::StrCat("bad --log-level '", value, "'"));
+      o.log_level = value;
+    }
+  }
+  if (o.help) return o;
+  o.has_vm = !o.config.kernel().empty() || !o.config.test_guest().empty();
+  if (!o.has_vm && o.api_socket.empty())
+    return absl::InvalidArgumentError(
+        "nothing to do: give --kernel or --test-guest, and/or --api-socket (see --help)");
+  if (!o.has_vm && (!o.config.initrd().empty() || !o.config.cmdline().empty()))
+    return absl::InvalidArgumentError("--initrd/--cmdline need --kernel");
+  return o;
+}
+
+}  // namespace microvmm

@@ -1,0 +1,242 @@
+#include "vmm/kvm/kvm.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace microvmm {
+
+absl::Status ErrnoStatus(int err, absl::string_view what) {
+  std::string msg = absl::StrCat(what, ": ", strerror(err));
+  switch (err) {
+    case ENOENT:
+      return absl::NotFoundError(msg);
+    case EACCES:
+    case EPERM:
+      return absl::PermissionDeniedError(msg);
+    case EINVAL:
+    case E2BIG:
+      return absl::InvalidArgumentError(msg);
+    case ENOMEM:
+    case ENOSPC:
+      return absl::ResourceExhaustedError(msg);
+    case EBUSY:
+    case EEXIST:
+      return absl::FailedPreconditionError(msg);
+    case EINTR:
+    case EAGAIN:
+      return absl::UnavailableError(msg);
+    default:
+      return absl::InternalError(msg);
+  }
+}
+
+namespace {
+template <typename T>
+absl::Status Ioctl(int fd, unsigned long req, T arg, absl::string_view what) {
+  if (::ioctl(fd, req, arg) < 0) return ErrnoStatus(errno, what);
+  return absl::OkStatus();
+}
+}  // namespace
+
+kvm_cpuid_entry2* CpuidTable::Find(uint32_t function, uint32_t index) {
+  for (auto& e : entries_) {
+    if (e.function != function) continue;
+    if ((e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX) && e.index != index) continue;
+    return &e;
+  }
+  return nullptr;
+}
+
+std::vector<uint8_t> CpuidTable::ToKvm() const {
+  std::vector<uint8_t> buf(sizeof(kvm_cpuid2) + entries_.size() * sizeof(kvm_cpuid_entry2));
+  auto* c = reinterpret_cast<kvm_cpuid2*>(buf.data());
+  c->nent = entries_.size();
+  if (!entries_.empty())
+    std::memcpy(c->entries, entries_.data(), entries_.size() * sizeof(kvm_cpuid_entry2));
+  return buf;
+}
+
+absl::StatusOr<Kvm> Kvm::Open(const char* path) {
+  ScopedFd fd(::open(path, O_RDWR | O_CLOEXEC));
+  if (!fd.valid()) return ErrnoStatus(errno, absl::StrCat("open ", path));
+  int v = ::ioctl(fd.get(), KVM_GET_API_VERSION, 0);
+  if (v != KVM_API_VERSION)
+    return absl::FailedPreconditionError(
+        absl::StrCat("KVM API version ", v, ", expected ", KVM_API_VERSION));
+  return Kvm(std::move(fd));
+}
+
+int Kvm::CheckExtension(long cap) const { return ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap); }
+
+absl::StatusOr<int> Kvm::VcpuMmapSize() const {
+  int n = ::ioctl(fd_.get(), KVM_GET_VCPU_MMAP_SIZE, 0);
+  if (n <= 0) return ErrnoStatus(errno, "KVM_GET_VCPU_MMAP_SIZE");
+  return n;
+}
+
+absl::StatusOr<CpuidTable> Kvm::GetSupportedCpuid() const {
+  for (size_t n = 64; n <= 4096; n *= 2) {
+    std::vector<uint8_t> buf(sizeof(kvm_cpuid2) + n * sizeof(kvm_cpuid_entry2));
+    auto* c = reinterpret_cast<kvm_cpuid2*>(buf.data());
+    c->nent = n;
+    if (::ioctl(fd_.get(), KVM_GET_SUPPORTED_CPUID, c) == 0) {
+      return CpuidTable(std::vector<kvm_cpuid_entry2>(c->entries, c->entries + c->nent));
+    }
+    if (errno != E2BIG) return ErrnoStatus(errno, "KVM_GET_SUPPORTED_CPUID");
+  }
+  return absl::InternalError("KVM_GET_SUPPORTED_CPUID: table too large");
+}
+
+absl::StatusOr<std::vector<uint32_t>> Kvm::GetMsrIndexList() const {
+  kvm_msr_list probe{};
+  probe.nmsrs = 0;
+  if (::ioctl(fd_.get(), KVM_GET_MSR_INDEX_LIST, &probe) < 0 && errno != E2BIG)
+    return ErrnoStatus(errno, "KVM_GET_MSR_INDEX_LIST");
+  std::vector<uint8_t> buf(sizeof(kvm_msr_list) + probe.nmsrs * sizeof(uint32_t));
+  auto* l = reinterpret_cast<kvm_msr_list*>(buf.data());
+  l->nmsrs = probe.nmsrs;
+  if (::ioctl(fd_.get(), KVM_GET_MSR_INDEX_LIST, l) < 0)
+    return ErrnoStatus(errno, "KVM_GET_MSR_INDEX_LIST");
+  return std::vector<uint32_t>(l->indices, l->indices + l->nmsrs);
+}
+
+absl::StatusOr<KvmVm> KvmVm::Create(const Kvm& kvm) {
+  int fd;
+  do {
+    fd = ::ioctl(kvm.fd(), KVM_CREATE_VM, 0);
+  } while (fd < 0 && errno == EINTR);
+  if (fd < 0) return ErrnoStatus(errno, "KVM_CREATE_VM");
+  return KvmVm(ScopedFd(fd));
+}
+
+int KvmVm::CheckExtension(long cap) const { return ::ioctl(fd_.get(), KVM_CHECK_EXTENSION, cap); }
+
+absl::Status KvmVm::SetTssAddr(uint64_t addr) {
+  return Ioctl(fd_.get(), KVM_SET_TSS_ADDR, static_cast<unsigned long>(addr), "KVM_SET_TSS_ADDR");
+}
+
+absl::Status KvmVm::SetIdentityMapAddr(uint64_t addr) {
+  return Ioctl(fd_.get(), KVM_SET_IDENTITY_MAP_ADDR, &addr, "KVM_SET_IDENTITY_MAP_ADDR");
+}
+
+absl::Status KvmVm::CreateIrqchip() {
+  return Ioctl(fd_.get(), KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP");
+}
+
+absl::Status KvmVm::CreatePit2() {
+  kvm_pit_config cfg{};
+  cfg.flags = KVM_PIT_SPEAKER_DUMMY;
+  return Ioctl(fd_.get(), KVM_CREATE_PIT2, &cfg, "KVM_CREATE_PIT2");
+}
+
+absl::Status KvmVm::SetUserMemoryRegion(uint32_t slot, uint32_t flags, uint64_t gpa,
+                                        uint64_t size, void* host) {
+  kvm_userspace_memory_region r{};
+  r.slot = slot;
+  r.flags = flags;
+  r.guest_phys_addr = gpa;
+  r.memory_size = size;
+  r.userspace_addr = reinterpret_cast<uint64_t>(host);
+  return Ioctl(fd_.get(), KVM_SET_USER_MEMORY_REGION, &r, "KVM_SET_USER_MEMORY_REGION");
+}
+
+absl::Status KvmVm::IrqLine(uint32_t irq, bool level) {
+  kvm_irq_level l{};
+  l.irq = irq;
+  l.level = level ? 1 : 0;
+  return Ioctl(fd_.get(), KVM_IRQ_LINE, &l, "KVM_IRQ_LINE");
+}
+
+absl::Status KvmVm::EnableCap(uint32_t cap, uint64_t arg0) {
+  kvm_enable_cap c{};
+  c.cap = cap;
+  c.args[0] = arg0;
+  return Ioctl(fd_.get(), KVM_ENABLE_CAP, &c, "KVM_ENABLE_CAP");
+}
+
+absl::StatusOr<ScopedFd> KvmVm::CreateVcpu(int id) {
+  int fd = ::ioctl(fd_.get(), KVM_CREATE_VCPU, static_cast<unsigned long>(id));
+  if (fd < 0) return ErrnoStatus(errno, absl::StrCat("KVM_CREATE_VCPU ", id));
+  return ScopedFd(fd);
+}
+
+absl::StatusOr<KvmVcpu> KvmVcpu::Create(const Kvm& kvm, const KvmVm& vm, int id) {
+  auto size = kvm.VcpuMmapSize();
+  if (!size.ok()) return size.status();
+  auto fd = const_cast<KvmVm&>(vm).CreateVcpu(id);
+  if (!fd.ok()) return fd.status();
+  void* p = ::mmap(nullptr, *size, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0);
+  if (p == MAP_FAILED) return ErrnoStatus(errno, "mmap kvm_run");
+  return KvmVcpu(std::move(*fd), ScopedMmap(p, *size), id);
+}
+
+int KvmVcpu::Run() {
+  if (::ioctl(fd_.get(), KVM_RUN, 0) < 0) return -errno;
+  return 0;
+}
+
+#define VCPU_GET(Type, Req, Name)                               \
+  absl::StatusOr<Type> KvmVcpu::Name() const {                  \
+    Type v{};                                                   \
+    if (::ioctl(fd_.get(), Req, &v) < 0) return ErrnoStatus(errno, #Req); \
+    return v;                                                   \
+  }
+#define VCPU_SET(Type, Req, Name)                               \
+  absl::Status KvmVcpu::Name(const Type& v) {                   \
+    return Ioctl(fd_.get(), Req, &v, #Req);                     \
+  }
+VCPU_GET(kvm_regs, KVM_GET_REGS, GetRegs)
+VCPU_SET(kvm_regs, KVM_SET_REGS, SetRegs)
+VCPU_GET(kvm_sregs, KVM_GET_SREGS, GetSregs)
+VCPU_SET(kvm_sregs, KVM_SET_SREGS, SetSregs)
+VCPU_GET(kvm_fpu, KVM_GET_FPU, GetFpu)
+VCPU_SET(kvm_fpu, KVM_SET_FPU, SetFpu)
+VCPU_GET(kvm_lapic_state, KVM_GET_LAPIC, GetLapic)
+VCPU_SET(kvm_lapic_state, KVM_SET_LAPIC, SetLapic)
+VCPU_GET(kvm_mp_state, KVM_GET_MP_STATE, GetMpState)
+#undef VCPU_GET
+#undef VCPU_SET
+
+absl::Status KvmVcpu::SetMpState(uint32_t state) {
+  kvm_mp_state s{};
+  s.mp_state = state;
+  return Ioctl(fd_.get(), KVM_SET_MP_STATE, &s, "KVM_SET_MP_STATE");
+}
+
+absl::Status KvmVcpu::SetCpuid(const CpuidTable& cpuid) {
+  auto buf = cpuid.ToKvm();
+  return Ioctl(fd_.get(), KVM_SET_CPUID2, buf.data(), "KVM_SET_CPUID2");
+}
+
+absl::Status KvmVcpu::SetMsrs(const std::vector<kvm_msr_entry>& msrs) {
+  std::vector<uint8_t> buf(sizeof(kvm_msrs) + msrs.size() * sizeof(kvm_msr_entry));
+  auto* m = reinterpret_cast<kvm_msrs*>(buf.data());
+  m->nmsrs = msrs.size();
+  if (!msrs.empty()) std::memcpy(m->entries, msrs.data(), msrs.size() * sizeof(kvm_msr_entry));
+  int n = ::ioctl(fd_.get(), KVM_SET_MSRS, m);
+  if (n < 0) return ErrnoStatus(errno, "KVM_SET_MSRS");
+  if (static_cast<size_t>(n) != msrs.size())
+    return absl::InternalError(absl::StrCat("KVM_SET_MSRS: only ", n, " of ", msrs.size(),
+                                            " MSRs set; first rejected index 0x",
+                                            absl::Hex(msrs[n].index)));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<kvm_msr_entry>> KvmVcpu::GetMsrs(
+    const std::vector<uint32_t>& indices) const {
+  std::vector<uint8_t> buf(sizeof(kvm_msrs) + indices.size() * sizeof(kvm_msr_entry));
+  auto* m = reinterpret_cast<kvm_msrs*>(buf.data());
+  m->nmsrs = indices.size();
+  for (size_t i = 0; i < indices.size(); ++i) m->entries[i].index = indices[i];
+  int n = ::ioctl(fd_.get(), KVM_GET_MSRS, m);
+  if (n < 0) return ErrnoStatus(errno, "KVM_GET_MSRS");
+  return std::vector<kvm_msr_entry>(m->entries, m->entries + n);
+}
+
+}  // namespace microvmm

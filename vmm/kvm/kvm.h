@@ -1,0 +1,106 @@
+// RAII wrappers around the KVM API: every ioctl the VMM issues goes through this file.
+#ifndef MICROVMM_VMM_KVM_KVM_H_
+#define MICROVMM_VMM_KVM_KVM_H_
+
+#include "vmm/kvm/linux_kvm.h"
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "vmm/base/fd.h"
+
+namespace microvmm {
+
+// errno-carrying status: "<what>: <strerror>" with a code derived from errno.
+absl::Status ErrnoStatus(int err, absl::string_view what);
+
+// Holds struct kvm_cpuid2 with its flexible array.
+class CpuidTable {
+ public:
+  CpuidTable() = default;
+  explicit CpuidTable(std::vector<kvm_cpuid_entry2> entries) : entries_(std::move(entries)) {}
+  std::vector<kvm_cpuid_entry2>& entries() { return entries_; }
+  const std::vector<kvm_cpuid_entry2>& entries() const { return entries_; }
+  kvm_cpuid_entry2* Find(uint32_t function, uint32_t index = 0);
+  // Builds the ioctl buffer.
+  std::vector<uint8_t> ToKvm() const;
+
+ private:
+  std::vector<kvm_cpuid_entry2> entries_;
+};
+
+class Kvm {
+ public:
+  static absl::StatusOr<Kvm> Open(const char* path = "/dev/kvm");
+  int fd() const { return fd_.get(); }
+  int CheckExtension(long cap) const;  // <= 0: unsupported
+  absl::StatusOr<int> VcpuMmapSize() const;
+  absl::StatusOr<CpuidTable> GetSupportedCpuid() const;
+  absl::StatusOr<std::vector<uint32_t>> GetMsrIndexList() const;
+
+ private:
+  explicit Kvm(ScopedFd fd) : fd_(std::move(fd)) {}
+  ScopedFd fd_;
+};
+
+class KvmVm {
+ public:
+  static absl::StatusOr<KvmVm> Create(const Kvm& kvm);
+  int fd() const { return fd_.get(); }
+  int CheckExtension(long cap) const;
+  absl::Status SetTssAddr(uint64_t addr);
+  absl::Status SetIdentityMapAddr(uint64_t addr);
+  absl::Status CreateIrqchip();
+  absl::Status CreatePit2();
+  absl::Status SetUserMemoryRegion(uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size,
+                                   void* host);
+  absl::Status IrqLine(uint32_t irq, bool level);
+  absl::Status EnableCap(uint32_t cap, uint64_t arg0 = 0);
+  absl::StatusOr<ScopedFd> CreateVcpu(int id);
+
+ private:
+  explicit KvmVm(ScopedFd fd) : fd_(std::move(fd)) {}
+  ScopedFd fd_;
+};
+
+class KvmVcpu {
+ public:
+  static absl::StatusOr<KvmVcpu> Create(const Kvm& kvm, const KvmVm& vm, int id);
+  int fd() const { return fd_.get(); }
+  int id() const { return id_; }
+  kvm_run* run() const { return static_cast<kvm_run*>(run_.get()); }
+
+  // KVM_RUN; returns the raw result: 0 on exit, -errno (EINTR/EAGAIN handled by the caller).
+  int Run();
+
+  absl::StatusOr<kvm_regs> GetRegs() const;
+  absl::Status SetRegs(const kvm_regs& regs);
+  absl::StatusOr<kvm_sregs> GetSregs() const;
+  absl::Status SetSregs(const kvm_sregs& sregs);
+  absl::StatusOr<kvm_fpu> GetFpu() const;
+  absl::Status SetFpu(const kvm_fpu& fpu);
+  absl::Status SetCpuid(const CpuidTable& cpuid);
+  absl::Status SetMsrs(const std::vector<kvm_msr_entry>& msrs);
+  absl::StatusOr<std::vector<kvm_msr_entry>> GetMsrs(const std::vector<uint32_t>& indices) const;
+  absl::StatusOr<kvm_lapic_state> GetLapic() const;
+  absl::Status SetLapic(const kvm_lapic_state& lapic);
+  absl::StatusOr<kvm_mp_state> GetMpState() const;
+  absl::Status SetMpState(uint32_t state);
+
+  void SetImmediateExit(bool on) { run()->immediate_exit = on ? 1 : 0; }
+
+ private:
+  KvmVcpu(ScopedFd fd, ScopedMmap run, int id)
+      : fd_(std::move(fd)), run_(std::move(run)), id_(id) {}
+  ScopedFd fd_;
+  ScopedMmap run_;
+  int id_;
+};
+
+}  // namespace microvmm
+
+#endif  // MICROVMM_VMM_KVM_KVM_H_

@@ -1,0 +1,188 @@
+#include "vmm/vcpu.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+
+#include "absl/strings/str_format.h"
+#include "vmm/base/log.h"
+#include "vmm/exit_status.h"
+
+namespace microvmm {
+namespace {
+constexpr int kKickSignal = SIGUSR1;
+void KickHandler(int) {}
+thread_local Vcpu* t_current = nullptr;
+}  // namespace
+
+Vcpu* CurrentVcpu() { return t_current; }
+
+void InstallVcpuKickSignal() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa{};
+    sa.sa_handler = KickHandler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    sigaction(kKickSignal, &sa, nullptr);
+  });
+}
+
+Vcpu::Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop)
+    : kvm_(std::move(kvm)), pio_(pio), mmio_(mmio), on_stop_(std::move(on_stop)) {}
+
+Vcpu::~Vcpu() {
+  RequestStop();
+  Join();
+}
+
+void Vcpu::Start() {
+  InstallVcpuKickSignal();
+  thread_ = std::thread([this] { Loop(); });
+  tid_ = thread_.native_handle();
+}
+
+void Vcpu::Kick() {
+  kvm_.SetImmediateExit(true);
+  if (thread_.joinable()) pthread_kill(tid_, kKickSignal);
+}
+
+void Vcpu::RequestPause() {
+  std::lock_guard lock(mu_);
+  if (exited_) return;
+  pause_requested_ = true;
+  Kick();
+}
+
+void Vcpu::WaitPaused() {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [this] { return parked_ || exited_ || !thread_.joinable(); });
+}
+
+void Vcpu::Resume() {
+  std::lock_guard lock(mu_);
+  pause_requested_ = false;
+  cv_.notify_all();
+}
+
+void Vcpu::RequestStop() {
+  std::lock_guard lock(mu_);
+  stop_requested_ = true;
+  if (!exited_) Kick();
+  cv_.notify_all();
+}
+
+void Vcpu::Join() {
+  if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
+}
+
+void Vcpu::Loop() {
+  t_current = this;
+  for (;;) {
+    {
+      std::unique_lock lock(mu_);
+      if (pause_requested_ && !stop_requested_) {
+        parked_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return !pause_requested_ || stop_requested_; });
+        parked_ = false;
+      }
+      if (stop_requested_) break;
+      kvm_.SetImmediateExit(false);
+    }
+    int r = kvm_.Run();
+    if (r == -EINTR || r == -EAGAIN) continue;  // kicked: re-check the flags
+    if (r < 0) {
+      on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: KVM_RUN failed: %s", id(), strerror(-r))});
+      break;
+    }
+    if (!HandleExit()) break;
+  }
+  std::lock_guard lock(mu_);
+  exited_ = true;
+  cv_.notify_all();
+}
+
+bool Vcpu::HandleExit() {
+  kvm_run* run = kvm_.run();
+  switch (run->exit_reason) {
+    case KVM_EXIT_IO: {
+      uint8_t* data = reinterpret_cast<uint8_t*>(run) + run->io.data_offset;
+      for (uint32_t i = 0; i < run->io.count; ++i) {
+        std::span<uint8_t> chunk(data + i * run->io.size, run->io.size);
+        if (run->io.direction == KVM_EXIT_IO_OUT) {
+          if (!pio_->Write(run->io.port, chunk) && run->io.port != 0x80)
+            LOG_DEBUG("vCPU %d: unhandled port write 0x%x", id(), run->io.port);
+        } else if (!pio_->Read(run->io.port, chunk)) {
+          LOG_DEBUG("vCPU %d: unhandled port read 0x%x", id(), run->io.port);
+        }
+      }
+      return true;
+    }
+    case KVM_EXIT_MMIO: {
+      uint32_t len = std::min<uint32_t>(run->mmio.len, sizeof(run->mmio.data));
+      if (run->mmio.is_write) {
+        if (!mmio_->Write(run->mmio.phys_addr, std::span<const uint8_t>(run->mmio.data, len)))
+          LOG_DEBUG("vCPU %d: unhandled MMIO write 0x%x", id(), run->mmio.phys_addr);
+      } else if (!mmio_->Read(run->mmio.phys_addr, std::span<uint8_t>(run->mmio.data, len))) {
+        LOG_DEBUG("vCPU %d: unhandled MMIO read 0x%x", id(), run->mmio.phys_addr);
+      }
+      return true;
+    }
+    case KVM_EXIT_HLT:
+      // Only seen without an in-kernel LAPIC; nothing can wake us then.
+      on_stop_({kExitOk, absl::StrFormat("vCPU %d halted", id())});
+      return false;
+    case KVM_EXIT_SHUTDOWN:
+      on_stop_({kExitGuestCrash, absl::StrFormat("guest crash: triple fault on vCPU %d\n%s", id(),
+                                    DumpRegisters())});
+      return false;
+    case KVM_EXIT_SYSTEM_EVENT:
+      if (run->system_event.type == KVM_SYSTEM_EVENT_CRASH) {
+        on_stop_({kExitGuestPanic, absl::StrFormat("guest panic (system event) on vCPU %d", id())});
+      } else {
+        on_stop_({kExitOk, absl::StrFormat("guest system event %d (shutdown/reset) on vCPU %d",
+                                     run->system_event.type, id())});
+      }
+      return false;
+    case KVM_EXIT_INTERNAL_ERROR: {
+      std::string data;
+      for (uint32_t i = 0; i < run->internal.ndata && i < 16; ++i)
+        absl::StrAppendFormat(&data, " 0x%x", run->internal.data[i]);
+      on_stop_({kExitKvmError, absl::StrFormat("KVM internal error on vCPU %d: suberror %d, data:%s\n%s",
+                                    id(), run->internal.suberror, data, DumpRegisters())});
+      return false;
+    }
+    case KVM_EXIT_FAIL_ENTRY:
+      on_stop_({kExitKvmError, absl::StrFormat("KVM entry failed on vCPU %d: hardware reason 0x%x\n%s", id(),
+                                    run->fail_entry.hardware_entry_failure_reason,
+                                    DumpRegisters())});
+      return false;
+    default:
+      on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: unexpected KVM exit reason %d\n%s", id(),
+                                    run->exit_reason, DumpRegisters())});
+      return false;
+  }
+}
+
+std::string Vcpu::DumpRegisters() {
+  auto regs = kvm_.GetRegs();
+  auto sregs = kvm_.GetSregs();
+  if (!regs.ok() || !sregs.ok()) return "  (registers unavailable)";
+  const kvm_regs& r = *regs;
+  const kvm_sregs& s = *sregs;
+  return absl::StrFormat(
+      "  RIP=%016x RSP=%016x RFLAGS=%08x\n"
+      "  RAX=%016x RBX=%016x RCX=%016x RDX=%016x\n"
+      "  RSI=%016x RDI=%016x RBP=%016x\n"
+      "  R8 =%016x R9 =%016x R10=%016x R11=%016x\n"
+      "  R12=%016x R13=%016x R14=%016x R15=%016x\n"
+      "  CS=%04x(base %x l%d db%d) SS=%04x CR0=%x CR2=%x CR3=%x CR4=%x EFER=%x\n"
+      "  GDT=%x/%x IDT=%x/%x",
+      r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10,
+      r.r11, r.r12, r.r13, r.r14, r.r15, s.cs.selector, s.cs.base, s.cs.l, s.cs.db,
+      s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.gdt.base, s.gdt.limit, s.idt.base,
+      s.idt.limit);
+}
+
+}  // namespace microvmm
