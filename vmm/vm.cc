@@ -465,6 +465,9 @@ absl::Status ValidateAndDefaultConfig(VmConfig& c) {
       return absl::InvalidArgumentError(
           absl::StrCat("test guests support at most ", kMaxTestGuestVcpus, " vCPUs"));
   }
+  if (!SerialConfig::Mode_IsValid(c.serial().mode()))
+    return absl::InvalidArgumentError(
+        absl::StrCat("unknown serial mode ", static_cast<int>(c.serial().mode())));
   if (c.serial().mode() == SerialConfig::MODE_UNSPECIFIED)
     c.mutable_serial()->set_mode(SerialConfig::STDOUT);
   if (c.serial().mode() == SerialConfig::FILE && c.serial().path().empty())

@@ -24,6 +24,7 @@ struct VmExit {
   std::string reason;   // one line, human readable
 };
 
+// All methods are thread-safe (the API server and the VMM main call them concurrently).
 class Vm {
  public:
   // Validates `config` and builds the VM: memory, irqchip, vCPUs, devices, guest loaded.

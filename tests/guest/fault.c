@@ -2,6 +2,7 @@
  *   mode=panic              guest_panic("deliberate") -> pvpanic (port 0x505)
  *   mode=triple             zero-limit IDT + ud2 -> triple fault (KVM_EXIT_SHUTDOWN)
  *   mode=exit status=N      test_exit(N) (status default 0)
+ *   mode=reset              i8042 "pulse reset line" (0xFE to port 0x64): the VMM exits 0
  * Missing or unknown mode: prints an error and exits 5. */
 #include "lib/guest.h"
 
@@ -16,7 +17,13 @@ int guest_main(uint64_t cpu, uint64_t ncpus, const char* args, uint64_t ram_size
     guest_triple_fault();
   } else if (arg_eq(args, "mode", "exit")) {
     return (int)arg_u64(args, "status", 0);
+  } else if (arg_eq(args, "mode", "reset")) {
+    gputs("fault: i8042 reset\n");
+    outb(0x64, 0xfe);
+    /* The VMM stops this vCPU on the reset; reaching here means it did not. */
+    gputs("fault: still running after reset\n");
+    return 6;
   }
-  gprintf("fault: unknown mode (args \"%s\"), want mode=panic|triple|exit\n", args);
+  gprintf("fault: unknown mode (args \"%s\"), want mode=panic|triple|exit|reset\n", args);
   return 5;
 }
