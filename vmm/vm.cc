@@ -29,12 +29,12 @@
 
 namespace microvmm {
 
-const char* VmStateName(VmState s) {
+const char* RunStateName(RunState s) {
   switch (s) {
-    case VmState::kCreated: return "CREATED";
-    case VmState::kRunning: return "RUNNING";
-    case VmState::kPaused: return "PAUSED";
-    case VmState::kExited: return "EXITED";
+    case RunState::kCreated: return "CREATED";
+    case RunState::kRunning: return "RUNNING";
+    case RunState::kPaused: return "PAUSED";
+    case RunState::kExited: return "EXITED";
   }
   return "?";
 }
@@ -124,7 +124,7 @@ class VmImpl : public Vm {
   absl::Status Pause() override;
   absl::Status Resume() override;
   absl::Status Shutdown() override;
-  VmState state() const override {
+  RunState state() const override {
     std::lock_guard lock(mu_);
     return state_;
   }
@@ -135,7 +135,7 @@ class VmImpl : public Vm {
   absl::Duration uptime() const override {
     std::lock_guard lock(mu_);
     if (boot_time_ == absl::InfinitePast()) return absl::ZeroDuration();
-    absl::Time end = state_ == VmState::kExited ? exit_time_ : absl::Now();
+    absl::Time end = state_ == RunState::kExited ? exit_time_ : absl::Now();
     return end - boot_time_;
   }
   const VmConfig& config() const override { return config_; }
@@ -159,7 +159,7 @@ class VmImpl : public Vm {
   // Records the first exit and stops every vCPU. Callable from vCPU threads.
   void RequestExit(int status, std::string reason);
   void StopAll();
-  absl::Status CheckState(VmState want, const char* op) const;
+  absl::Status CheckState(RunState want, const char* op) const;
 
   VmConfig config_;
   std::optional<Kvm> kvm_;
@@ -177,7 +177,7 @@ class VmImpl : public Vm {
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  VmState state_ = VmState::kCreated;
+  RunState state_ = RunState::kCreated;
   std::optional<VmExit> exit_;
   absl::Time boot_time_ = absl::InfinitePast();
   absl::Time exit_time_ = absl::InfinitePast();
@@ -368,7 +368,7 @@ void VmImpl::RequestExit(int status, std::string reason) {
     if (exit_.has_value()) return;
     exit_ = VmExit{status, reason};
     exit_time_ = absl::Now();
-    state_ = VmState::kExited;
+    state_ = RunState::kExited;
   }
   if (status == kExitOk || status < 64)
     LOG_INFO("VM exit: %s", reason);
@@ -383,36 +383,36 @@ void VmImpl::StopAll() {
   for (auto& v : vcpus_) v->Join();
 }
 
-absl::Status VmImpl::CheckState(VmState want, const char* op) const {
+absl::Status VmImpl::CheckState(RunState want, const char* op) const {
   if (state_ != want)
     return absl::FailedPreconditionError(
-        absl::StrFormat("cannot %s: VM is %s", op, VmStateName(state_)));
+        absl::StrFormat("cannot %s: VM is %s", op, RunStateName(state_)));
   return absl::OkStatus();
 }
 
 absl::Status VmImpl::Boot() {
   std::lock_guard lock(mu_);
-  if (absl::Status s = CheckState(VmState::kCreated, "boot"); !s.ok()) return s;
+  if (absl::Status s = CheckState(RunState::kCreated, "boot"); !s.ok()) return s;
   boot_time_ = absl::Now();
-  state_ = VmState::kRunning;
+  state_ = RunState::kRunning;
   for (auto& v : vcpus_) v->Start();
   return absl::OkStatus();
 }
 
 absl::Status VmImpl::Pause() {
   std::lock_guard lock(mu_);
-  if (absl::Status s = CheckState(VmState::kRunning, "pause"); !s.ok()) return s;
+  if (absl::Status s = CheckState(RunState::kRunning, "pause"); !s.ok()) return s;
   for (auto& v : vcpus_) v->RequestPause();
   for (auto& v : vcpus_) v->WaitPaused();
-  state_ = VmState::kPaused;
+  state_ = RunState::kPaused;
   return absl::OkStatus();
 }
 
 absl::Status VmImpl::Resume() {
   std::lock_guard lock(mu_);
-  if (absl::Status s = CheckState(VmState::kPaused, "resume"); !s.ok()) return s;
+  if (absl::Status s = CheckState(RunState::kPaused, "resume"); !s.ok()) return s;
   for (auto& v : vcpus_) v->Resume();
-  state_ = VmState::kRunning;
+  state_ = RunState::kRunning;
   return absl::OkStatus();
 }
 

@@ -16,8 +16,8 @@
 
 namespace microvmm {
 
-enum class VmState { kCreated, kRunning, kPaused, kExited };
-const char* VmStateName(VmState s);
+enum class RunState { kCreated, kRunning, kPaused, kExited };
+const char* RunStateName(RunState s);
 
 struct VmExit {
   int status = 0;       // what the VMM process should exit with
@@ -41,7 +41,7 @@ class Vm {
   // Any state -> EXITED (reason "shutdown requested", status 0). Idempotent.
   virtual absl::Status Shutdown() = 0;
 
-  virtual VmState state() const = 0;
+  virtual RunState state() const = 0;
   virtual std::optional<VmExit> exit_info() const = 0;
   virtual absl::Duration uptime() const = 0;  // since Boot(), zero before
   virtual const VmConfig& config() const = 0;

@@ -44,6 +44,8 @@ void I8042::Write(uint64_t offset, std::span<const uint8_t> data) {
     } else if (offset == 0) {
       if (pending_cmd_ == 0x60) {
         ctr_ = v;
+      } else if (pending_cmd_ == 0xd2 || pending_cmd_ == 0xd3) {
+        out_.push_back(v);                                 // write keyboard/AUX output buffer: echo
       } else if (pending_cmd_ == 0xd1) {
         if (!(v & 1)) reset = true;                        // output port bit 0 low = reset
       } else if (pending_cmd_ == 0) {

@@ -196,7 +196,7 @@ TEST(ApiKvmTest, ServesPrecreatedVm) {
   ASSERT_TRUE(h.Resume().ok());
   ASSERT_TRUE(h.Shutdown().ok());
   EXPECT_EQ(h.WaitForExitCallback(), kExitOk);
-  EXPECT_EQ(raw->state(), VmState::kExited);
+  EXPECT_EQ(raw->state(), RunState::kExited);
 }
 
 int RunVmmctl(std::vector<std::string> args, std::string* out, std::string* err) {

@@ -104,6 +104,7 @@ absl::StatusOr<BzImageInfo> ParseBzImage(std::span<const uint8_t> f) {
   info.cmdline_size = h.cmdline_size;
   info.init_size = h.init_size;
   info.pref_address = h.pref_address;
+  info.kernel_alignment = h.kernel_alignment;
   info.xloadflags = h.xloadflags;
   info.relocatable = h.relocatable_kernel != 0;
   if (info.init_size < info.payload_size)
@@ -169,10 +170,19 @@ absl::StatusOr<LinuxEntry> LoadBzImage(GuestMemory& mem, const LinuxBootSpec& sp
   auto info = ParseBzImage(spec.kernel);
   if (!info.ok()) return info.status();
   const uint64_t load = layout::kHighMemStart;
-  uint64_t kernel_end = load + std::max<uint64_t>(info->init_size, info->payload_size);
+  // The kernel decompresses into [runtime_start, runtime_start + init_size) (boot.rst, init_size):
+  // a relocatable kernel loaded below pref_address runs at pref_address.
+  uint64_t runtime_start = info->pref_address;
+  if (info->relocatable) {
+    uint64_t align = info->kernel_alignment ? info->kernel_alignment : 1;
+    if ((align & (align - 1)) != 0) return Invalid("kernel_alignment is not a power of two");
+    runtime_start = (std::max<uint64_t>(load, info->pref_address) + align - 1) & ~(align - 1);
+  }
+  uint64_t kernel_end =
+      std::max<uint64_t>(load + info->payload_size, runtime_start + info->init_size);
   if (!mem.Contains(load, kernel_end - load) || kernel_end > kMmioGapStart)
     return absl::InvalidArgumentError(absl::StrFormat(
-        "guest RAM too small for this kernel: it needs %d MiB from 1 MiB (init_size)",
+        "guest RAM too small for this kernel: it needs at least %d MiB (pref_address + init_size)",
         (kernel_end + (1 << 20) - 1) >> 20));
   if (spec.cmdline.size() + 1 > layout::kCmdlineMax ||
       (info->cmdline_size && spec.cmdline.size() > info->cmdline_size))

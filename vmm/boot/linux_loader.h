@@ -22,6 +22,7 @@ struct BzImageInfo {
   uint32_t cmdline_size = 0;      // max command line length (without NUL)
   uint32_t init_size = 0;         // memory the kernel needs from its load address
   uint64_t pref_address = 0;
+  uint32_t kernel_alignment = 0;
   uint16_t xloadflags = 0;
   bool relocatable = false;
 };

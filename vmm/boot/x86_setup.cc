@@ -2,6 +2,8 @@
 
 #include <cpuid.h>
 
+#include <algorithm>
+
 #include "vmm/boot/layout.h"
 
 namespace microvmm {
@@ -128,28 +130,42 @@ CpuidTable BuildVcpuCpuid(const CpuidTable& supported, uint32_t vcpu_id, uint32_
         e.eax = (e.eax & 0x3fff) | (cores << 26);
         break;
       }
-      case 0xb:
-        // Extended topology: level 0 = SMT (1 thread per core), level 1 = core.
-        e.edx = vcpu_id;
-        if (e.index == 0) {
-          e.eax = 0;            // shift to the next level id
-          e.ebx = 1;            // logical processors at this level
-          e.ecx = (1 << 8) | 0; // level type SMT
-        } else if (e.index == 1) {
-          uint32_t shift = 0;
-          while ((1U << shift) < num_vcpus) ++shift;
-          e.eax = shift;
-          e.ebx = num_vcpus;
-          e.ecx = (2 << 8) | 1;  // level type core
-        } else {
-          e.eax = 0;
-          e.ebx = 0;
-          e.ecx = e.index;  // level type invalid
-        }
-        break;
       default:
         break;
     }
+  }
+  // Extended topology (leaf 0xB): KVM reports only an empty subleaf 0, so build the levels here:
+  // subleaf 0 = SMT (1 thread per core), 1 = core (all vCPUs in one package), 2 = invalid.
+  kvm_cpuid_entry2* leaf0 = t.Find(0);
+  if (leaf0 != nullptr && leaf0->eax >= 0xb) {
+    auto& es = t.entries();
+    auto is_b = [](const kvm_cpuid_entry2& e) { return e.function == 0xb; };
+    size_t pos = std::find_if(es.begin(), es.end(), is_b) - es.begin();
+    es.erase(std::remove_if(es.begin(), es.end(), is_b), es.end());
+    pos = std::min(pos, es.size());
+    std::vector<kvm_cpuid_entry2> levels;
+    uint32_t shift = 0;
+    while ((1U << shift) < num_vcpus) ++shift;
+    for (uint32_t sub = 0; sub < 3; ++sub) {
+      kvm_cpuid_entry2 e{};
+      e.function = 0xb;
+      e.index = sub;
+      e.flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+      e.edx = vcpu_id;
+      if (sub == 0) {
+        e.eax = 0;
+        e.ebx = 1;
+        e.ecx = (1 << 8) | 0;  // SMT level
+      } else if (sub == 1) {
+        e.eax = shift;
+        e.ebx = num_vcpus;
+        e.ecx = (2 << 8) | 1;  // core level
+      } else {
+        e.ecx = sub;  // invalid level terminates the enumeration
+      }
+      levels.push_back(e);
+    }
+    es.insert(es.begin() + pos, levels.begin(), levels.end());
   }
   return t;
 }

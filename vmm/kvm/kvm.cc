@@ -200,6 +200,12 @@ VCPU_SET(kvm_fpu, KVM_SET_FPU, SetFpu)
 VCPU_GET(kvm_lapic_state, KVM_GET_LAPIC, GetLapic)
 VCPU_SET(kvm_lapic_state, KVM_SET_LAPIC, SetLapic)
 VCPU_GET(kvm_mp_state, KVM_GET_MP_STATE, GetMpState)
+VCPU_GET(kvm_xcrs, KVM_GET_XCRS, GetXcrs)
+VCPU_SET(kvm_xcrs, KVM_SET_XCRS, SetXcrs)
+VCPU_GET(kvm_vcpu_events, KVM_GET_VCPU_EVENTS, GetEvents)
+VCPU_SET(kvm_vcpu_events, KVM_SET_VCPU_EVENTS, SetEvents)
+VCPU_GET(kvm_debugregs, KVM_GET_DEBUGREGS, GetDebugRegs)
+VCPU_SET(kvm_debugregs, KVM_SET_DEBUGREGS, SetDebugRegs)
 #undef VCPU_GET
 #undef VCPU_SET
 
@@ -237,6 +243,70 @@ absl::StatusOr<std::vector<kvm_msr_entry>> KvmVcpu::GetMsrs(
   int n = ::ioctl(fd_.get(), KVM_GET_MSRS, m);
   if (n < 0) return ErrnoStatus(errno, "KVM_GET_MSRS");
   return std::vector<kvm_msr_entry>(m->entries, m->entries + n);
+}
+
+}  // namespace microvmm
+
+namespace microvmm {
+
+absl::StatusOr<std::string> KvmVcpu::GetXsave(int xsave2_size) const {
+  size_t size = std::max<size_t>(sizeof(kvm_xsave), xsave2_size > 0 ? xsave2_size : 0);
+  std::string buf(size, '\0');
+  unsigned long req = size > sizeof(kvm_xsave) ? KVM_GET_XSAVE2 : KVM_GET_XSAVE;
+  if (::ioctl(fd_.get(), req, buf.data()) < 0) return ErrnoStatus(errno, "KVM_GET_XSAVE");
+  return buf;
+}
+
+absl::Status KvmVcpu::SetXsave(const std::string& xsave) {
+  if (xsave.size() < sizeof(kvm_xsave))
+    return absl::InvalidArgumentError("saved xsave area is too small");
+  std::string copy = xsave;
+  return Ioctl(fd_.get(), KVM_SET_XSAVE, copy.data(), "KVM_SET_XSAVE");
+}
+
+uint32_t KvmVcpu::GetTscKhz() const {
+  int r = ::ioctl(fd_.get(), KVM_GET_TSC_KHZ, 0);
+  return r > 0 ? static_cast<uint32_t>(r) : 0;
+}
+
+absl::Status KvmVcpu::SetTscKhz(uint32_t khz) {
+  return Ioctl(fd_.get(), KVM_SET_TSC_KHZ, static_cast<unsigned long>(khz), "KVM_SET_TSC_KHZ");
+}
+
+absl::StatusOr<kvm_irqchip> KvmVm::GetIrqchip(uint32_t chip_id) const {
+  kvm_irqchip c{};
+  c.chip_id = chip_id;
+  if (::ioctl(fd_.get(), KVM_GET_IRQCHIP, &c) < 0) return ErrnoStatus(errno, "KVM_GET_IRQCHIP");
+  return c;
+}
+
+absl::Status KvmVm::SetIrqchip(const kvm_irqchip& chip) {
+  kvm_irqchip c = chip;
+  return Ioctl(fd_.get(), KVM_SET_IRQCHIP, &c, "KVM_SET_IRQCHIP");
+}
+
+absl::StatusOr<kvm_pit_state2> KvmVm::GetPit2() const {
+  kvm_pit_state2 p{};
+  if (::ioctl(fd_.get(), KVM_GET_PIT2, &p) < 0) return ErrnoStatus(errno, "KVM_GET_PIT2");
+  return p;
+}
+
+absl::Status KvmVm::SetPit2(const kvm_pit_state2& pit) {
+  kvm_pit_state2 p = pit;
+  return Ioctl(fd_.get(), KVM_SET_PIT2, &p, "KVM_SET_PIT2");
+}
+
+absl::StatusOr<kvm_clock_data> KvmVm::GetClock() const {
+  kvm_clock_data c{};
+  if (::ioctl(fd_.get(), KVM_GET_CLOCK, &c) < 0) return ErrnoStatus(errno, "KVM_GET_CLOCK");
+  return c;
+}
+
+absl::Status KvmVm::SetClock(const kvm_clock_data& clock) {
+  kvm_clock_data c{};
+  c.clock = clock.clock;
+  c.flags = 0;  // only the clock value is settable portably
+  return Ioctl(fd_.get(), KVM_SET_CLOCK, &c, "KVM_SET_CLOCK");
 }
 
 }  // namespace microvmm

@@ -5,7 +5,9 @@
 #include "vmm/kvm/linux_kvm.h"
 
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -17,6 +19,22 @@ namespace microvmm {
 
 // errno-carrying status: "<what>: <strerror>" with a code derived from errno.
 absl::Status ErrnoStatus(int err, absl::string_view what);
+
+// Raw uAPI struct <-> bytes (saved state). FromBytes checks the size.
+template <typename T>
+std::string ToBytes(const T& v) {
+  return std::string(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+template <typename T>
+absl::StatusOr<T> FromBytes(const std::string& b, const char* what) {
+  if (b.size() != sizeof(T))
+    return absl::InvalidArgumentError(std::string("saved ") + what + " has " +
+                                      std::to_string(b.size()) + " bytes, expected " +
+                                      std::to_string(sizeof(T)));
+  T v;
+  std::memcpy(&v, b.data(), sizeof(T));
+  return v;
+}
 
 // Holds struct kvm_cpuid2 with its flexible array.
 class CpuidTable {
@@ -62,6 +80,14 @@ class KvmVm {
   absl::Status EnableCap(uint32_t cap, uint64_t arg0 = 0);
   absl::StatusOr<ScopedFd> CreateVcpu(int id);
 
+  // In-kernel device state (saved/restored while every vCPU is paused).
+  absl::StatusOr<kvm_irqchip> GetIrqchip(uint32_t chip_id) const;
+  absl::Status SetIrqchip(const kvm_irqchip& chip);
+  absl::StatusOr<kvm_pit_state2> GetPit2() const;
+  absl::Status SetPit2(const kvm_pit_state2& pit);
+  absl::StatusOr<kvm_clock_data> GetClock() const;
+  absl::Status SetClock(const kvm_clock_data& clock);
+
  private:
   explicit KvmVm(ScopedFd fd) : fd_(std::move(fd)) {}
   ScopedFd fd_;
@@ -90,6 +116,19 @@ class KvmVcpu {
   absl::Status SetLapic(const kvm_lapic_state& lapic);
   absl::StatusOr<kvm_mp_state> GetMpState() const;
   absl::Status SetMpState(uint32_t state);
+
+  // Full state; xsave is KVM_GET_XSAVE2-sized when the kernel offers it, else struct kvm_xsave.
+  absl::StatusOr<std::string> GetXsave(int xsave2_size) const;
+  absl::Status SetXsave(const std::string& xsave);
+  absl::StatusOr<kvm_xcrs> GetXcrs() const;
+  absl::Status SetXcrs(const kvm_xcrs& xcrs);
+  absl::StatusOr<kvm_vcpu_events> GetEvents() const;
+  absl::Status SetEvents(const kvm_vcpu_events& events);
+  absl::StatusOr<kvm_debugregs> GetDebugRegs() const;
+  absl::Status SetDebugRegs(const kvm_debugregs& regs);
+  // 0 when KVM cannot tell.
+  uint32_t GetTscKhz() const;
+  absl::Status SetTscKhz(uint32_t khz);
 
   void SetImmediateExit(bool on) { run()->immediate_exit = on ? 1 : 0; }
 

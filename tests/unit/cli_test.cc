@@ -1,0 +1,286 @@
+// Unit tests of vmm/cli.h: the `vmm` command line (ParseVmmArgs, ParseSerialSpec, ParseMemoryMib)
+// and that VmmUsage() documents exactly what the parser accepts.
+#include "vmm/cli.h"
+
+#include <map>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace microvmm {
+namespace {
+
+using ::testing::HasSubstr;
+using Args = std::vector<std::string>;
+
+void ExpectInvalid(const Args& a) {
+  auto r = ParseVmmArgs(a);
+  std::string joined;
+  for (const auto& s : a) joined += "[" + s + "] ";
+  ASSERT_FALSE(r.ok()) << joined;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << joined << r.status();
+}
+
+TEST(ParseVmmArgsTest, KernelWithMachineFlags) {
+  auto r = ParseVmmArgs({"--kernel", "/boot/bzImage", "--initrd", "/boot/initrd", "--cmdline",
+                         "console=ttyS0 quiet", "--vcpus", "4", "--memory", "512", "--serial",
+                         "file:/tmp/console.log", "--log-level", "debug"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->has_vm);
+  EXPECT_FALSE(r->help);
+  EXPECT_EQ(r->config.kernel(), "/boot/bzImage");
+  EXPECT_EQ(r->config.initrd(), "/boot/initrd");
+  EXPECT_EQ(r->config.cmdline(), "console=ttyS0 quiet");
+  EXPECT_EQ(r->config.vcpus(), 4u);
+  EXPECT_EQ(r->config.memory_mib(), 512u);
+  EXPECT_EQ(r->config.serial().mode(), SerialConfig::FILE);
+  EXPECT_EQ(r->config.serial().path(), "/tmp/console.log");
+  EXPECT_EQ(r->log_level, "debug");
+  EXPECT_TRUE(r->api_socket.empty());
+}
+
+TEST(ParseVmmArgsTest, Defaults) {
+  auto r = ParseVmmArgs({"--test-guest", "hello"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->has_vm);
+  EXPECT_EQ(r->config.test_guest(), "hello");
+  // Documented defaults: 1 vCPU, 128 MiB, serial to stdout, log level info.
+  EXPECT_EQ(r->config.vcpus(), 1u);
+  EXPECT_EQ(r->config.memory_mib(), 128u);
+  EXPECT_EQ(r->config.serial().mode(), SerialConfig::STDOUT);
+  EXPECT_EQ(r->log_level, "info");
+}
+
+TEST(ParseVmmArgsTest, TestGuestWithArgsAndApiSocket) {
+  auto r = ParseVmmArgs({"--test-guest", "memwalk", "--test-guest-args", "mib=8 gens=10",
+                         "--api-socket", "/run/vmm.sock"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->has_vm);
+  EXPECT_EQ(r->config.test_guest_args(), "mib=8 gens=10");
+  EXPECT_EQ(r->api_socket, "/run/vmm.sock");
+}
+
+TEST(ParseVmmArgsTest, ApiSocketAloneIsEnough) {
+  auto r = ParseVmmArgs({"--api-socket", "/run/vmm.sock"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_FALSE(r->has_vm);
+  EXPECT_EQ(r->api_socket, "/run/vmm.sock");
+}
+
+TEST(ParseVmmArgsTest, EqualsForm) {
+  auto r = ParseVmmArgs({"--kernel=/k", "--memory=1G", "--vcpus=2", "--serial=none",
+                         "--cmdline=root=/dev/vda console=ttyS0"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.kernel(), "/k");
+  EXPECT_EQ(r->config.memory_mib(), 1024u);
+  EXPECT_EQ(r->config.vcpus(), 2u);
+  EXPECT_EQ(r->config.serial().mode(), SerialConfig::NONE);
+  // Only the first '=' separates flag and value.
+  EXPECT_EQ(r->config.cmdline(), "root=/dev/vda console=ttyS0");
+}
+
+TEST(ParseVmmArgsTest, ValueMayLookLikeAFlag) {
+  auto r = ParseVmmArgs({"--kernel", "/k", "--cmdline", "--foo"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.cmdline(), "--foo");
+}
+
+TEST(ParseVmmArgsTest, Help) {
+  for (const char* h : {"-h", "--help"}) {
+    auto r = ParseVmmArgs({h});
+    ASSERT_TRUE(r.ok()) << h << ": " << r.status();
+    EXPECT_TRUE(r->help);
+  }
+}
+
+TEST(ParseVmmArgsTest, UnknownFlag) {
+  ExpectInvalid({"--kernel", "/k", "--bogus", "1"});
+  ExpectInvalid({"--kernel", "/k", "--bogus=1"});
+  ExpectInvalid({"--kernel", "/k", "--kern", "/x"});  // no prefix matching
+  ExpectInvalid({"--kernel", "/k", "-kernel", "/x"});
+  auto r = ParseVmmArgs({"--kernel", "/k", "--frobnicate"});
+  ASSERT_FALSE(r.ok());
+  EXPECT_THAT(std::string(r.status().message()), HasSubstr("--frobnicate"));
+}
+
+TEST(ParseVmmArgsTest, PositionalArgumentRejected) {
+  ExpectInvalid({"--kernel", "/k", "extra"});
+  ExpectInvalid({"bzImage"});
+}
+
+TEST(ParseVmmArgsTest, MissingValue) {
+  for (const char* f : {"--kernel", "--initrd", "--cmdline", "--test-guest", "--test-guest-args",
+                        "--vcpus", "--memory", "--serial", "--api-socket", "--log-level"}) {
+    SCOPED_TRACE(f);
+    ExpectInvalid({"--test-guest", "hello", f});
+  }
+}
+
+TEST(ParseVmmArgsTest, BadVcpus) {
+  for (const char* v : {"two", "", "-1", "-0", "1.5", "4x", "0x4", "99999999999"}) {
+    SCOPED_TRACE(v);
+    ExpectInvalid({"--test-guest", "hello", "--vcpus", v});
+  }
+}
+
+TEST(ParseVmmArgsTest, MemorySizes) {
+  auto r = ParseVmmArgs({"--test-guest", "hello", "--memory", "2G"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.memory_mib(), 2048u);
+  r = ParseVmmArgs({"--test-guest", "hello", "--memory", "256M"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.memory_mib(), 256u);
+  ExpectInvalid({"--test-guest", "hello", "--memory", "12x"});
+  ExpectInvalid({"--test-guest", "hello", "--memory", "-64"});
+}
+
+TEST(ParseVmmArgsTest, BadSerial) {
+  ExpectInvalid({"--test-guest", "hello", "--serial", "file:"});
+  ExpectInvalid({"--test-guest", "hello", "--serial", "tty"});
+  ExpectInvalid({"--test-guest", "hello", "--serial", ""});
+}
+
+TEST(ParseVmmArgsTest, BadLogLevel) {
+  ExpectInvalid({"--test-guest", "hello", "--log-level", "verbose"});
+  for (const char* l : {"debug", "info", "warn", "error"}) {
+    auto r = ParseVmmArgs({"--test-guest", "hello", "--log-level", l});
+    ASSERT_TRUE(r.ok()) << l;
+    EXPECT_EQ(r->log_level, l);
+  }
+}
+
+TEST(ParseVmmArgsTest, EmptyApiSocket) {
+  ExpectInvalid({"--api-socket", ""});
+  ExpectInvalid({"--test-guest", "hello", "--api-socket="});
+}
+
+TEST(ParseVmmArgsTest, NothingToDo) {
+  ExpectInvalid({});
+  ExpectInvalid({"--vcpus", "2", "--memory", "256"});
+  ExpectInvalid({"--serial", "none"});
+}
+
+TEST(ParseVmmArgsTest, InitrdOrCmdlineWithoutKernel) {
+  ExpectInvalid({"--initrd", "/i", "--api-socket", "/s"});
+  ExpectInvalid({"--cmdline", "quiet", "--api-socket", "/s"});
+}
+
+TEST(ParseSerialSpecTest, Modes) {
+  auto s = ParseSerialSpec("stdout");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->mode(), SerialConfig::STDOUT);
+  s = ParseSerialSpec("none");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->mode(), SerialConfig::NONE);
+  s = ParseSerialSpec("file:/var/log/guest.log");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->mode(), SerialConfig::FILE);
+  EXPECT_EQ(s->path(), "/var/log/guest.log");
+  s = ParseSerialSpec("file:relative:with:colons");
+  ASSERT_TRUE(s.ok());
+  EXPECT_EQ(s->path(), "relative:with:colons");
+}
+
+TEST(ParseSerialSpecTest, Errors) {
+  for (const char* bad : {"", "file:", "file", "FILE:/x", "stdout ", "null", "/tmp/x"}) {
+    auto s = ParseSerialSpec(bad);
+    ASSERT_FALSE(s.ok()) << "'" << bad << "'";
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(ParseMemoryMibTest, Units) {
+  struct {
+    const char* in;
+    uint64_t mib;
+  } ok[] = {{"512", 512}, {"512M", 512}, {"512m", 512}, {"2G", 2048},
+            {"2g", 2048}, {"1", 1},      {"16G", 16384}};
+  for (auto c : ok) {
+    auto r = ParseMemoryMib(c.in);
+    ASSERT_TRUE(r.ok()) << c.in << ": " << r.status();
+    EXPECT_EQ(*r, c.mib) << c.in;
+  }
+}
+
+TEST(ParseMemoryMibTest, Errors) {
+  for (const char* bad : {"", "M", "G", "12x", "12K", "1.5G", "-1", "-1G", "0x10", "2GB", "G2",
+                          "99999999999999999999", "18446744073709551615G"}) {
+    auto r = ParseMemoryMib(bad);
+    EXPECT_FALSE(r.ok()) << "'" << bad << "' parsed as " << (r.ok() ? *r : 0);
+  }
+}
+
+TEST(ParseMemoryMibTest, GigabyteSuffixNeverWraps) {
+  // Whatever the limit, a G value is either rejected or exactly 1024x.
+  for (uint64_t g : {1ULL, 1024ULL, 1ULL << 20, 1ULL << 30, (1ULL << 54) + 1, 1ULL << 60}) {
+    auto r = ParseMemoryMib(std::to_string(g) + "G");
+    if (r.ok()) {
+      EXPECT_EQ(*r / 1024, g);
+      EXPECT_EQ(*r % 1024, 0u);
+    }
+  }
+}
+
+// Every flag the parser accepts, with a value it accepts. The test checks both directions: each is
+// accepted by ParseVmmArgs and documented in VmmUsage(), and every --flag in VmmUsage() is one the
+// parser knows.
+const std::map<std::string, std::string>& FlagSamples() {
+  static const auto* m = new std::map<std::string, std::string>{
+      {"--kernel", "/k"},         {"--initrd", "/i"},      {"--cmdline", "quiet"},
+      {"--test-guest", "hello"},  {"--test-guest-args", "a=1"}, {"--vcpus", "2"},
+      {"--memory", "256"},        {"--serial", "none"},    {"--api-socket", "/run/s"},
+      {"--log-level", "warn"},
+  };
+  return *m;
+}
+
+bool UsageMentions(const std::string& usage, const std::string& flag) {
+  // As a whole word: "--test-guest" must not be satisfied by "--test-guest-args".
+  std::regex re("(^|[^-a-z])" + flag + "([^-a-z]|$)");
+  return std::regex_search(usage, re);
+}
+
+TEST(VmmUsageTest, DocumentsEveryAcceptedFlag) {
+  const std::string usage = VmmUsage();
+  for (const auto& [flag, value] : FlagSamples()) {
+    SCOPED_TRACE(flag);
+    // initrd/cmdline only with a kernel; everything also with an API socket so there's work.
+    Args args = {"--kernel", "/k", "--api-socket", "/run/x", flag, value};
+    auto r = ParseVmmArgs(args);
+    EXPECT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(UsageMentions(usage, flag)) << "usage does not mention " << flag;
+  }
+  for (const char* h : {"-h", "--help"}) {
+    EXPECT_TRUE(ParseVmmArgs({h}).ok());
+    EXPECT_TRUE(UsageMentions(usage, h)) << h;
+  }
+}
+
+TEST(VmmUsageTest, MentionsOnlyRealFlags) {
+  const std::string usage = VmmUsage();
+  std::regex flag_re("--[a-z][a-z-]*[a-z]");
+  std::set<std::string> seen;
+  for (auto it = std::sregex_iterator(usage.begin(), usage.end(), flag_re);
+       it != std::sregex_iterator(); ++it)
+    seen.insert(it->str());
+  ASSERT_FALSE(seen.empty());
+  for (const std::string& f : seen) {
+    if (f == "--help") continue;
+    EXPECT_TRUE(FlagSamples().count(f)) << "usage documents " << f
+                                        << " which this test (and maybe the parser) doesn't know";
+    auto r = ParseVmmArgs({"--kernel", "/k", f, FlagSamples().count(f) ? FlagSamples().at(f) : "x"});
+    if (!r.ok()) {
+      EXPECT_THAT(std::string(r.status().message()), ::testing::Not(HasSubstr("unknown")))
+          << f << " documented but rejected as unknown";
+    }
+  }
+  // The parser rejects something the usage doesn't mention.
+  EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--not-a-flag", "x"}).ok());
+}
+
+}  // namespace
+}  // namespace microvmm
