@@ -18,15 +18,15 @@
 
 namespace microvmm {
 
-VmRunState ToRunState(VmState state) {
+VmRunState ToRunState(RunState state) {
   switch (state) {
-    case VmState::kCreated:
+    case RunState::kCreated:
       return CREATED;
-    case VmState::kRunning:
+    case RunState::kRunning:
       return RUNNING;
-    case VmState::kPaused:
+    case RunState::kPaused:
       return PAUSED;
-    case VmState::kExited:
+    case RunState::kExited:
       return EXITED;
   }
   return VM_RUN_STATE_UNSPECIFIED;
@@ -117,7 +117,7 @@ grpc::Status ApiServer::CreateVm(grpc::ServerContext*, const CreateVmRequest* re
 namespace {
 
 // Runs `op` on `vm` if it is in state `needed`; otherwise FAILED_PRECONDITION naming the state.
-grpc::Status Transition(Vm* vm, bool shutting_down, const char* verb, VmState needed,
+grpc::Status Transition(Vm* vm, bool shutting_down, const char* verb, RunState needed,
                         absl::Status (Vm::*op)()) {
   const std::string needed_name = VmRunState_Name(ToRunState(needed));
   if (vm == nullptr) {
@@ -128,7 +128,7 @@ grpc::Status Transition(Vm* vm, bool shutting_down, const char* verb, VmState ne
                                            ": the VM state is NOT_CREATED (call CreateVm first; ",
                                            verb, " needs ", needed_name, ")"));
   }
-  const VmState state = vm->state();
+  const RunState state = vm->state();
   if (state != needed) {
     return FailedPrecondition(absl::StrCat("cannot ", verb, ": the VM state is ",
                                            VmRunState_Name(ToRunState(state)), " (", verb,
@@ -141,17 +141,17 @@ grpc::Status Transition(Vm* vm, bool shutting_down, const char* verb, VmState ne
 
 grpc::Status ApiServer::Boot(grpc::ServerContext*, const BootRequest*, BootResponse*) {
   absl::MutexLock lock(&mu_);
-  return Transition(vm_.get(), shutdown_requested_, "boot", VmState::kCreated, &Vm::Boot);
+  return Transition(vm_.get(), shutdown_requested_, "boot", RunState::kCreated, &Vm::Boot);
 }
 
 grpc::Status ApiServer::Pause(grpc::ServerContext*, const PauseRequest*, PauseResponse*) {
   absl::MutexLock lock(&mu_);
-  return Transition(vm_.get(), shutdown_requested_, "pause", VmState::kRunning, &Vm::Pause);
+  return Transition(vm_.get(), shutdown_requested_, "pause", RunState::kRunning, &Vm::Pause);
 }
 
 grpc::Status ApiServer::Resume(grpc::ServerContext*, const ResumeRequest*, ResumeResponse*) {
   absl::MutexLock lock(&mu_);
-  return Transition(vm_.get(), shutdown_requested_, "resume", VmState::kPaused, &Vm::Resume);
+  return Transition(vm_.get(), shutdown_requested_, "resume", RunState::kPaused, &Vm::Resume);
 }
 
 grpc::ServerUnaryReactor* ApiServer::Shutdown(grpc::CallbackServerContext*, const ShutdownRequest*,
@@ -191,14 +191,14 @@ grpc::Status ApiServer::GetInfo(grpc::ServerContext*, const GetInfoRequest*, VmI
     info->set_state(NOT_CREATED);
     return grpc::Status::OK;
   }
-  const VmState state = vm_->state();
+  const RunState state = vm_->state();
   info->set_state(ToRunState(state));
   const VmConfig& config = vm_->config();
   info->set_vcpus(config.vcpus());
   info->set_memory_mib(config.memory_mib());
   const int64_t uptime_ms = absl::ToInt64Milliseconds(vm_->uptime());
   info->set_uptime_ms(uptime_ms > 0 ? static_cast<uint64_t>(uptime_ms) : 0);
-  if (state == VmState::kExited) {
+  if (state == RunState::kExited) {
     if (std::optional<VmExit> exit = vm_->exit_info(); exit.has_value()) {
       info->set_exit_reason(exit->reason);
       info->set_exit_status(exit->status);

@@ -78,7 +78,7 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
 };
 
 // Maps the Vm's state to the API's.
-VmRunState ToRunState(VmState state);
+VmRunState ToRunState(RunState state);
 
 // absl::Status -> grpc::Status (same numeric codes).
 grpc::Status ToGrpcStatus(const absl::Status& status);
