@@ -9,7 +9,7 @@ PACKAGES=(
   bazel-bootstrap libabsl-dev libgrpc++-dev protobuf-compiler protobuf-compiler-grpc
   libprotobuf-dev liburing-dev libgtest-dev libgmock-dev pkg-config build-essential
   # guest kernel + initramfs (tools/guest/build.sh)
-  linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio busybox-static xz-utils
+  linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio busybox-static xz-utils lz4
   # tests and benchmarks
   python3 iproute2 qemu-system-x86 procps
 )

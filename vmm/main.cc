@@ -50,10 +50,12 @@ int Run(int argc, char** argv) {
     vm = std::move(*created);
   }
 
-  // Process exit: from the API's Shutdown, a signal, or (without API) the guest.
+  // Process exit: from the API's Shutdown, a signal, or (without API) the guest. Only this
+  // thread tears the VM down; the signal thread just reports the signal.
   absl::Mutex mu;
   bool done = false;
   int exit_status = 0;
+  int signal_received = 0;
   auto finish = [&](int status) {
     absl::MutexLock lock(&mu);
     if (!done) {
@@ -80,20 +82,34 @@ int Run(int argc, char** argv) {
   std::thread signals([&] {
     int sig = 0;
     sigwait(&term, &sig);
-    LOG_INFO("received %s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
-    Vm* v = api ? api->vm() : vm_ptr;
-    if (v != nullptr) (void)v->Shutdown();
-    finish(v != nullptr && v->exit_info() ? v->exit_info()->status : 0);
+    absl::MutexLock lock(&mu);
+    signal_received = sig;
   });
   signals.detach();
 
-  if (!api) {
-    VmExit e = vm_ptr->WaitForExit();
-    finish(e.status);
-  }
-  {
-    absl::MutexLock lock(&mu);
-    mu.Await(absl::Condition(&done));
+  for (;;) {
+    {
+      absl::MutexLock lock(&mu);
+      auto woken = [&] { return done || signal_received != 0; };
+      mu.AwaitWithTimeout(absl::Condition(&woken), absl::Milliseconds(50));
+      if (done) break;
+      if (signal_received != 0) {
+        int sig = signal_received;
+        mu.Unlock();
+        LOG_INFO("received %s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+        Vm* v = api ? api->vm() : vm_ptr;
+        if (v != nullptr) (void)v->Shutdown();
+        mu.Lock();
+        if (!done) {
+          done = true;
+          exit_status = v != nullptr && v->exit_info() ? v->exit_info()->status : 0;
+        }
+        break;
+      }
+    }
+    if (!api && vm_ptr->WaitForExitFor(absl::ZeroDuration()).has_value()) {
+      finish(vm_ptr->exit_info()->status);
+    }
   }
   int status = exit_status;
   if (server) server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));

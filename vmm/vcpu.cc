@@ -73,6 +73,7 @@ void Vcpu::RequestStop() {
 }
 
 void Vcpu::Join() {
+  std::lock_guard lock(join_mu_);
   if (thread_.joinable() && std::this_thread::get_id() != thread_.get_id()) thread_.join();
 }
 

@@ -53,6 +53,7 @@ class Vcpu {
   const Bus* mmio_;
   StopFn on_stop_;
   std::thread thread_;
+  std::mutex join_mu_;  // Join() may be called from several threads
   pthread_t tid_{};
   std::mutex mu_;
   std::condition_variable cv_;

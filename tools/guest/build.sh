@@ -12,7 +12,7 @@ SELF="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
 LINUX_SOURCE_PKG="linux-source-6.1"
 PACKAGES=(
 	"$LINUX_SOURCE_PKG" bc bison flex libelf-dev libssl-dev build-essential
-	cpio busybox-static xz-utils
+	cpio busybox-static xz-utils lz4
 )
 OUTPUTS=(bzImage vmlinux initramfs.cpio.gz config)
 
