@@ -28,8 +28,12 @@ void InstallVcpuKickSignal() {
   });
 }
 
-Vcpu::Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop)
-    : kvm_(std::move(kvm)), pio_(pio), mmio_(mmio), on_stop_(std::move(on_stop)) {}
+Vcpu::Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop, RingFullFn on_ring_full)
+    : kvm_(std::move(kvm)),
+      pio_(pio),
+      mmio_(mmio),
+      on_stop_(std::move(on_stop)),
+      on_ring_full_(std::move(on_ring_full)) {}
 
 Vcpu::~Vcpu() {
   RequestStop();
@@ -83,6 +87,11 @@ void Vcpu::Loop() {
     {
       std::unique_lock lock(mu_);
       if (pause_requested_ && !stop_requested_) {
+        // Complete a pending port/MMIO read before parking so saved registers are consistent
+        // (KVM finishes the emulated instruction on the next KVM_RUN; immediate_exit makes that
+        // run return at once).
+        kvm_.SetImmediateExit(true);
+        (void)kvm_.Run();
         parked_ = true;
         cv_.notify_all();
         cv_.wait(lock, [this] { return !pause_requested_ || stop_requested_; });
@@ -130,6 +139,19 @@ bool Vcpu::HandleExit() {
       }
       return true;
     }
+#ifndef KVM_EXIT_DIRTY_RING_FULL
+#define KVM_EXIT_DIRTY_RING_FULL 31
+#endif
+    case KVM_EXIT_DIRTY_RING_FULL:
+      if (on_ring_full_) {
+        if (absl::Status s = on_ring_full_(id()); !s.ok()) {
+          on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: dirty ring: %s", id(), s.message())});
+          return false;
+        }
+        return true;
+      }
+      on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: dirty ring full, no handler", id())});
+      return false;
     case KVM_EXIT_HLT:
       // Only seen without an in-kernel LAPIC; nothing can wake us then.
       on_stop_({kExitOk, absl::StrFormat("vCPU %d halted", id())});

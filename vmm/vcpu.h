@@ -25,7 +25,9 @@ struct VcpuStop {
 class Vcpu {
  public:
   using StopFn = std::function<void(const VcpuStop&)>;
-  Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop);
+  // Called on KVM_EXIT_DIRTY_RING_FULL with the vCPU id; non-OK stops the VM.
+  using RingFullFn = std::function<absl::Status(int)>;
+  Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop, RingFullFn on_ring_full = {});
   ~Vcpu();  // stops and joins
 
   KvmVcpu& kvm() { return kvm_; }
@@ -52,6 +54,7 @@ class Vcpu {
   const Bus* pio_;
   const Bus* mmio_;
   StopFn on_stop_;
+  RingFullFn on_ring_full_;
   std::thread thread_;
   std::mutex join_mu_;  // Join() may be called from several threads
   pthread_t tid_{};

@@ -16,6 +16,7 @@
 #include "absl/strings/str_join.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
+#include "migration/dirty/dirty_tracker.h"
 #include "tests/guest/embedded.h"
 #include "vmm/base/log.h"
 #include "vmm/boot/layout.h"
@@ -115,8 +116,12 @@ class PortCallback : public BusDevice {
 
 class VmImpl : public Vm {
  public:
-  explicit VmImpl(VmConfig config) : config_(std::move(config)), pio_("pio"), mmio_("mmio") {}
-  ~VmImpl() override { StopAll(); }
+  VmImpl(VmConfig config, bool incoming)
+      : config_(std::move(config)), incoming_(incoming), pio_("pio"), mmio_("mmio") {}
+  ~VmImpl() override {
+    StopAll();
+    tracker_.reset();  // before the vCPUs whose rings it maps
+  }
 
   absl::Status Build();
 
@@ -139,6 +144,14 @@ class VmImpl : public Vm {
     return end - boot_time_;
   }
   const VmConfig& config() const override { return config_; }
+  absl::StatusOr<VmState> SaveState() override;
+  absl::Status RestoreState(const VmState& state) override;
+  GuestMemory& memory() override { return *mem_; }
+  migration::DirtyTracker& dirty_tracker() override { return *tracker_; }
+  void MarkMigrated(const std::string& reason) override {
+    RequestExit(kExitOk, reason);
+    StopAll();
+  }
   VmExit WaitForExit() override {
     std::unique_lock lock(mu_);
     cv_.wait(lock, [this] { return exit_.has_value(); });
@@ -160,8 +173,14 @@ class VmImpl : public Vm {
   void RequestExit(int status, std::string reason);
   void StopAll();
   absl::Status CheckState(RunState want, const char* op) const;
+  absl::Status ProbeMsrs();
 
   VmConfig config_;
+  const bool incoming_;
+  std::unique_ptr<migration::DirtyTracker> tracker_;
+  std::vector<uint32_t> msr_indices_;  // MSRs saved with each vCPU
+  int xsave2_size_ = 0;
+  std::shared_ptr<I8042> i8042_;
   std::optional<Kvm> kvm_;
   std::optional<KvmVm> vm_;
   std::unique_ptr<GuestMemory> mem_;
@@ -195,6 +214,18 @@ absl::Status VmImpl::Build() {
   if (absl::Status s = vm_->SetTssAddr(0xfeffd000); !s.ok()) return s;
   if (absl::Status s = vm_->CreateIrqchip(); !s.ok()) return s;
   if (absl::Status s = vm_->CreatePit2(); !s.ok()) return s;
+  // The dirty ring can only be switched on before vCPUs exist.
+  if (config_.dirty_tracking() != VmConfig::DIRTY_BITMAP) {
+    auto ring = migration::DirtyTracker::EnableDirtyRing(*vm_, 1 << 20);
+    if (!ring.ok()) {
+      if (config_.dirty_tracking() == VmConfig::DIRTY_RING)
+        return absl::FailedPreconditionError(
+            absl::StrCat("dirty ring requested but unavailable: ", ring.status().message()));
+      LOG_INFO("KVM dirty ring unavailable (%s): migration will use the dirty bitmap",
+               ring.status().message());
+    }
+  }
+  xsave2_size_ = std::max(0, vm_->CheckExtension(KVM_CAP_XSAVE2));
 
   auto mem = GuestMemory::Create(config_.memory_mib() << 20);
   if (!mem.ok()) return mem.status();
@@ -205,8 +236,37 @@ absl::Status VmImpl::Build() {
       return s;
   }
   if (absl::Status s = SetupDevices(); !s.ok()) return s;
-  if (absl::Status s = LoadGuest(); !s.ok()) return s;
-  return SetupVcpus();
+  if (!incoming_)
+    if (absl::Status s = LoadGuest(); !s.ok()) return s;
+  if (absl::Status s = SetupVcpus(); !s.ok()) return s;
+  if (absl::Status s = ProbeMsrs(); !s.ok()) return s;
+  std::vector<KvmVcpu*> kv;
+  for (auto& v : vcpus_) kv.push_back(&v->kvm());
+  migration::DirtyTracker::Mode mode =
+      config_.dirty_tracking() == VmConfig::DIRTY_RING     ? migration::DirtyTracker::Mode::kRing
+      : config_.dirty_tracking() == VmConfig::DIRTY_BITMAP ? migration::DirtyTracker::Mode::kBitmap
+                                                           : migration::DirtyTracker::Mode::kAuto;
+  auto tracker = migration::DirtyTracker::Create(*vm_, *mem_, kv, mode);
+  if (!tracker.ok()) return tracker.status();
+  tracker_ = std::move(*tracker);
+  return absl::OkStatus();
+}
+
+absl::Status VmImpl::ProbeMsrs() {
+  auto all = kvm_->GetMsrIndexList();
+  if (!all.ok()) return all.status();
+  // Keep the MSRs this KVM lets us read (KVM_GET_MSRS stops at the first one it rejects).
+  std::vector<uint32_t> todo = *all;
+  KvmVcpu& k = vcpus_.at(0)->kvm();
+  while (!todo.empty()) {
+    auto got = k.GetMsrs(todo);
+    if (!got.ok()) return got.status();
+    for (const auto& e : *got) msr_indices_.push_back(e.index);
+    size_t n = got->size();
+    if (n >= todo.size()) break;
+    todo.erase(todo.begin(), todo.begin() + n + 1);  // skip the rejected one
+  }
+  return absl::OkStatus();
 }
 
 absl::Status VmImpl::SetupDevices() {
@@ -234,11 +294,8 @@ absl::Status VmImpl::SetupDevices() {
       },
       std::move(out));
   if (absl::Status s = pio_.Insert(serial_, kSerialPort, 8); !s.ok()) return s;
-  if (absl::Status s = pio_.Insert(
-          std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); }),
-          0x60, 5);
-      !s.ok())
-    return s;
+  i8042_ = std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); });
+  if (absl::Status s = pio_.Insert(i8042_, 0x60, 5); !s.ok()) return s;
   if (absl::Status s = pio_.Insert(std::make_shared<PortCallback>([this](uint32_t v) {
                                      int status = static_cast<int>(v & 0xff);
                                      RequestExit(status,
@@ -308,9 +365,10 @@ absl::Status VmImpl::SetupVcpus() {
   for (uint32_t i = 0; i < config_.vcpus(); ++i) {
     auto kv = KvmVcpu::Create(*kvm_, *vm_, i);
     if (!kv.ok()) return kv.status();
-    auto vcpu = std::make_unique<Vcpu>(std::move(*kv), &pio_, &mmio_, [this](const VcpuStop& s) {
-      RequestExit(s.status, s.reason);
-    });
+    auto vcpu = std::make_unique<Vcpu>(
+        std::move(*kv), &pio_, &mmio_,
+        [this](const VcpuStop& s) { RequestExit(s.status, s.reason); },
+        [this](int id) { return tracker_->HandleRingFull(id); });
     KvmVcpu& k = vcpu->kvm();
     if (absl::Status s = k.SetCpuid(BuildVcpuCpuid(*supported, i, config_.vcpus())); !s.ok())
       return s;
@@ -330,7 +388,7 @@ absl::Status VmImpl::SetupVcpus() {
     if (absl::Status s = k.SetLapic(*lapic); !s.ok()) return s;
 
     bool boot_cpu = i == 0;
-    if (boot_cpu || !linux_) {
+    if (!incoming_ && (boot_cpu || !linux_)) {
       auto sregs = k.GetSregs();
       if (!sregs.ok()) return sregs.status();
       kvm_regs regs{};
@@ -416,6 +474,123 @@ absl::Status VmImpl::Resume() {
   return absl::OkStatus();
 }
 
+constexpr uint32_t kStateFormatVersion = 1;
+
+absl::StatusOr<VmState> VmImpl::SaveState() {
+  std::lock_guard lock(mu_);
+  if (state_ != RunState::kPaused && state_ != RunState::kCreated)
+    return absl::FailedPreconditionError(
+        absl::StrFormat("cannot save state: VM is %s (needs PAUSED)", RunStateName(state_)));
+  VmState st;
+  st.set_format_version(kStateFormatVersion);
+  *st.mutable_config() = config_;
+  for (auto& v : vcpus_) {
+    KvmVcpu& k = v->kvm();
+    VcpuState* vs = st.add_vcpus();
+    vs->set_id(k.id());
+    auto regs = k.GetRegs();
+    auto sregs = k.GetSregs();
+    auto xsave = k.GetXsave(xsave2_size_);
+    auto xcrs = k.GetXcrs();
+    auto lapic = k.GetLapic();
+    auto events = k.GetEvents();
+    auto dregs = k.GetDebugRegs();
+    auto mp = k.GetMpState();
+    auto msrs = k.GetMsrs(msr_indices_);
+    for (const absl::Status& s : {regs.status(), sregs.status(), xsave.status(), xcrs.status(),
+                                  lapic.status(), events.status(), dregs.status(), mp.status(),
+                                  msrs.status()})
+      if (!s.ok()) return s;
+    vs->set_regs(ToBytes(*regs));
+    vs->set_sregs(ToBytes(*sregs));
+    vs->set_xsave(*xsave);
+    vs->set_xcrs(ToBytes(*xcrs));
+    vs->set_lapic(ToBytes(*lapic));
+    vs->set_events(ToBytes(*events));
+    vs->set_debugregs(ToBytes(*dregs));
+    vs->set_mp_state(mp->mp_state);
+    vs->set_tsc_khz(k.GetTscKhz());
+    for (const auto& e : *msrs) {
+      MsrEntry* m = vs->add_msrs();
+      m->set_index(e.index);
+      m->set_value(e.data);
+    }
+  }
+  for (uint32_t chip = 0; chip < 3; ++chip) {
+    auto c = vm_->GetIrqchip(chip);
+    if (!c.ok()) return c.status();
+    std::string b = ToBytes(*c);
+    if (chip == 0) st.mutable_irqchip()->set_pic_master(b);
+    if (chip == 1) st.mutable_irqchip()->set_pic_slave(b);
+    if (chip == 2) st.mutable_irqchip()->set_ioapic(b);
+  }
+  auto pit = vm_->GetPit2();
+  if (!pit.ok()) return pit.status();
+  st.set_pit(ToBytes(*pit));
+  auto clock = vm_->GetClock();
+  if (!clock.ok()) return clock.status();
+  st.set_clock(ToBytes(*clock));
+  *st.mutable_serial() = serial_->SaveState();
+  *st.mutable_i8042() = i8042_->SaveState();
+  return st;
+}
+
+absl::Status VmImpl::RestoreState(const VmState& st) {
+  std::lock_guard lock(mu_);
+  if (absl::Status s = CheckState(RunState::kCreated, "restore state"); !s.ok()) return s;
+  if (st.format_version() != kStateFormatVersion)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "saved state has format version %d, this VMM reads %d", st.format_version(),
+        kStateFormatVersion));
+  if (static_cast<size_t>(st.vcpus_size()) != vcpus_.size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "saved state has %d vCPUs, this VM has %d", st.vcpus_size(), vcpus_.size()));
+  // VM-wide first: the in-kernel irqchip before LAPIC state references it.
+  auto pic0 = FromBytes<kvm_irqchip>(st.irqchip().pic_master(), "PIC master");
+  auto pic1 = FromBytes<kvm_irqchip>(st.irqchip().pic_slave(), "PIC slave");
+  auto ioapic = FromBytes<kvm_irqchip>(st.irqchip().ioapic(), "IOAPIC");
+  auto pit = FromBytes<kvm_pit_state2>(st.pit(), "PIT");
+  auto clock = FromBytes<kvm_clock_data>(st.clock(), "kvmclock");
+  for (const absl::Status& s :
+       {pic0.status(), pic1.status(), ioapic.status(), pit.status(), clock.status()})
+    if (!s.ok()) return s;
+  for (const kvm_irqchip* c : {&*pic0, &*pic1, &*ioapic})
+    if (absl::Status s = vm_->SetIrqchip(*c); !s.ok()) return s;
+  if (absl::Status s = vm_->SetPit2(*pit); !s.ok()) return s;
+  for (int i = 0; i < st.vcpus_size(); ++i) {
+    const VcpuState& vs = st.vcpus(i);
+    KvmVcpu& k = vcpus_[i]->kvm();
+    auto regs = FromBytes<kvm_regs>(vs.regs(), "regs");
+    auto sregs = FromBytes<kvm_sregs>(vs.sregs(), "sregs");
+    auto xcrs = FromBytes<kvm_xcrs>(vs.xcrs(), "xcrs");
+    auto lapic = FromBytes<kvm_lapic_state>(vs.lapic(), "LAPIC");
+    auto events = FromBytes<kvm_vcpu_events>(vs.events(), "vCPU events");
+    auto dregs = FromBytes<kvm_debugregs>(vs.debugregs(), "debug registers");
+    for (const absl::Status& s : {regs.status(), sregs.status(), xcrs.status(), lapic.status(),
+                                  events.status(), dregs.status()})
+      if (!s.ok()) return absl::InvalidArgumentError(absl::StrCat("vCPU ", i, ": ", s.message()));
+    if (vs.tsc_khz() != 0 && vs.tsc_khz() != k.GetTscKhz())
+      if (absl::Status s = k.SetTscKhz(vs.tsc_khz()); !s.ok())
+        LOG_WARN("vCPU %d: cannot set TSC frequency %d kHz: %s", i, vs.tsc_khz(), s.message());
+    std::vector<kvm_msr_entry> msrs;
+    for (const MsrEntry& m : vs.msrs()) {
+      kvm_msr_entry e{};
+      e.index = m.index();
+      e.data = m.value();
+      msrs.push_back(e);
+    }
+    for (const absl::Status& s :
+         {k.SetSregs(*sregs), k.SetRegs(*regs), k.SetXsave(vs.xsave()), k.SetXcrs(*xcrs),
+          k.SetLapic(*lapic), k.SetMsrs(msrs), k.SetMpState(vs.mp_state()), k.SetEvents(*events),
+          k.SetDebugRegs(*dregs)})
+      if (!s.ok()) return absl::InternalError(absl::StrCat("vCPU ", i, " restore: ", s.message()));
+  }
+  if (absl::Status s = vm_->SetClock(*clock); !s.ok()) return s;
+  serial_->RestoreState(st.serial());
+  i8042_->RestoreState(st.i8042());
+  return absl::OkStatus();
+}
+
 absl::Status VmImpl::Shutdown() {
   RequestExit(kExitOk, "shutdown requested");
   StopAll();
@@ -424,7 +599,15 @@ absl::Status VmImpl::Shutdown() {
 
 }  // namespace
 
-absl::Status ValidateAndDefaultConfig(VmConfig& c) {
+namespace {
+absl::Status ValidateConfig(VmConfig& c, bool incoming);
+}
+
+absl::Status ValidateAndDefaultConfig(VmConfig& c) { return ValidateConfig(c, false); }
+
+namespace {
+// `incoming`: the guest image files are not needed (memory and state come from the source).
+absl::Status ValidateConfig(VmConfig& c, bool incoming) {
   if (c.vcpus() == 0) return absl::InvalidArgumentError("vcpus must be at least 1");
   if (c.vcpus() > kMaxVcpus)
     return absl::InvalidArgumentError(absl::StrCat("vcpus must be at most ", kMaxVcpus));
@@ -444,8 +627,9 @@ absl::Status ValidateAndDefaultConfig(VmConfig& c) {
     return absl::InvalidArgumentError(
         "exactly one of kernel (Linux boot) or test_guest must be given");
   if (has_kernel) {
-    if (absl::Status s = CheckReadableFile(c.kernel(), "kernel"); !s.ok()) return s;
-    if (!c.initrd().empty())
+    if (!incoming)
+      if (absl::Status s = CheckReadableFile(c.kernel(), "kernel"); !s.ok()) return s;
+    if (!incoming && !c.initrd().empty())
       if (absl::Status s = CheckReadableFile(c.initrd(), "initrd"); !s.ok()) return s;
     if (c.cmdline().empty()) c.set_cmdline(kDefaultCmdline);
     if (!c.test_guest_args().empty())
@@ -453,7 +637,7 @@ absl::Status ValidateAndDefaultConfig(VmConfig& c) {
   } else {
     if (!c.initrd().empty() || !c.cmdline().empty())
       return absl::InvalidArgumentError("initrd/cmdline only apply to a Linux kernel");
-    if (testguest::Find(c.test_guest()) == nullptr) {
+    if (!incoming && testguest::Find(c.test_guest()) == nullptr) {
       if (c.test_guest().find('/') == std::string::npos)
         return absl::InvalidArgumentError(
             absl::StrCat("unknown test guest '", c.test_guest(),
@@ -472,13 +656,24 @@ absl::Status ValidateAndDefaultConfig(VmConfig& c) {
     c.mutable_serial()->set_mode(SerialConfig::STDOUT);
   if (c.serial().mode() == SerialConfig::FILE && c.serial().path().empty())
     return absl::InvalidArgumentError("serial mode FILE needs a path");
+  if (!VmConfig::DirtyTracking_IsValid(c.dirty_tracking()))
+    return absl::InvalidArgumentError("unknown dirty_tracking mode");
   return absl::OkStatus();
 }
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<Vm>> Vm::Create(const VmConfig& config) {
   VmConfig c = config;
   if (absl::Status s = ValidateAndDefaultConfig(c); !s.ok()) return s;
-  auto vm = std::make_unique<VmImpl>(std::move(c));
+  auto vm = std::make_unique<VmImpl>(std::move(c), /*incoming=*/false);
+  if (absl::Status s = vm->Build(); !s.ok()) return s;
+  return vm;
+}
+
+absl::StatusOr<std::unique_ptr<Vm>> Vm::CreateIncoming(const VmConfig& config) {
+  VmConfig c = config;
+  if (absl::Status s = ValidateConfig(c, /*incoming=*/true); !s.ok()) return s;
+  auto vm = std::make_unique<VmImpl>(std::move(c), /*incoming=*/true);
   if (absl::Status s = vm->Build(); !s.ok()) return s;
   return vm;
 }

@@ -12,9 +12,15 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "proto/vm_config.pb.h"
+#include "proto/vm_state.pb.h"
 #include "vmm/exit_status.h"
 
 namespace microvmm {
+
+class GuestMemory;
+namespace migration {
+class DirtyTracker;
+}
 
 enum class RunState { kCreated, kRunning, kPaused, kExited };
 const char* RunStateName(RunState s);
@@ -30,6 +36,9 @@ class Vm {
   // Validates `config` and builds the VM: memory, irqchip, vCPUs, devices, guest loaded.
   // Nothing runs until Boot(). Errors are INVALID_ARGUMENT (bad config) or INTERNAL.
   static absl::StatusOr<std::unique_ptr<Vm>> Create(const VmConfig& config);
+  // Builds a VM whose contents will come from an incoming migration or a snapshot: memory,
+  // vCPUs and devices exist, nothing is loaded. Fill memory(), RestoreState(), then Boot().
+  static absl::StatusOr<std::unique_ptr<Vm>> CreateIncoming(const VmConfig& config);
   virtual ~Vm();
 
   // CREATED -> RUNNING.
@@ -45,6 +54,15 @@ class Vm {
   virtual std::optional<VmExit> exit_info() const = 0;
   virtual absl::Duration uptime() const = 0;  // since Boot(), zero before
   virtual const VmConfig& config() const = 0;
+
+  // Complete vCPU / irqchip / PIT / clock / device state. Needs PAUSED (or CREATED).
+  virtual absl::StatusOr<VmState> SaveState() = 0;
+  // Needs CREATED (not booted). Checks the state matches this VM (vCPU count, sizes).
+  virtual absl::Status RestoreState(const VmState& state) = 0;
+  virtual GuestMemory& memory() = 0;
+  virtual migration::DirtyTracker& dirty_tracker() = 0;
+  // The VM now runs elsewhere: EXITED with status 0 and `reason`; vCPUs stopped.
+  virtual void MarkMigrated(const std::string& reason) = 0;
 
   // Blocks until the VM has exited (guest reset, crash, Shutdown()).
   virtual VmExit WaitForExit() = 0;

@@ -1,5 +1,8 @@
 #include "devices/legacy/i8042.h"
 
+#include <algorithm>
+#include <string>
+
 namespace microvmm {
 namespace {
 constexpr uint8_t kStatusOutputFull = 0x01;
@@ -55,6 +58,26 @@ void I8042::Write(uint64_t offset, std::span<const uint8_t> data) {
     }
   }
   if (reset) reset_();
+}
+
+}  // namespace microvmm
+
+namespace microvmm {
+
+I8042State I8042::SaveState() {
+  std::lock_guard lock(mu_);
+  I8042State st;
+  st.set_out(std::string(out_.begin(), out_.end()));
+  st.set_ctr(ctr_);
+  st.set_pending_cmd(pending_cmd_);
+  return st;
+}
+
+void I8042::RestoreState(const I8042State& st) {
+  std::lock_guard lock(mu_);
+  out_.assign(st.out().begin(), st.out().begin() + std::min<size_t>(st.out().size(), 16));
+  ctr_ = st.ctr() & 0xff;
+  pending_cmd_ = st.pending_cmd() & 0xff;
 }
 
 }  // namespace microvmm

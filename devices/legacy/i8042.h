@@ -8,6 +8,7 @@
 #include <functional>
 #include <mutex>
 
+#include "devices/legacy/legacy_state.pb.h"
 #include "vmm/bus.h"
 
 namespace microvmm {
@@ -18,6 +19,9 @@ class I8042 : public BusDevice {
   explicit I8042(std::function<void()> reset) : reset_(std::move(reset)) {}
   void Read(uint64_t offset, std::span<uint8_t> data) override;
   void Write(uint64_t offset, std::span<const uint8_t> data) override;
+
+  I8042State SaveState();
+  void RestoreState(const I8042State& state);
 
  private:
   std::function<void()> reset_;

@@ -128,6 +128,36 @@ bool Serial::WriteReg(uint8_t reg, uint8_t v) {
   }
 }
 
+SerialState Serial::SaveState() {
+  std::lock_guard lock(mu_);
+  SerialState st;
+  st.set_ier(ier_);
+  st.set_lcr(lcr_);
+  st.set_mcr(mcr_);
+  st.set_scr(scr_);
+  st.set_dll(dll_);
+  st.set_dlm(dlm_);
+  st.set_fcr(fcr_);
+  st.set_msr(msr_);
+  st.set_thri_pending(thri_pending_);
+  st.set_rx(std::string(rx_.begin(), rx_.end()));
+  return st;
+}
+
+void Serial::RestoreState(const SerialState& st) {
+  std::lock_guard lock(mu_);
+  ier_ = st.ier() & 0x0f;
+  lcr_ = st.lcr() & 0xff;
+  mcr_ = st.mcr() & 0x1f;
+  scr_ = st.scr() & 0xff;
+  dll_ = st.dll() & 0xff;
+  dlm_ = st.dlm() & 0xff;
+  fcr_ = st.fcr() & 0xff;
+  msr_ = st.msr() & 0xff;
+  thri_pending_ = st.thri_pending();
+  rx_.assign(st.rx().begin(), st.rx().begin() + std::min(st.rx().size(), kRxMax));
+}
+
 void Serial::Read(uint64_t offset, std::span<uint8_t> data) {
   std::lock_guard lock(mu_);
   for (size_t i = 0; i < data.size(); ++i) data[i] = ReadReg((offset + i) & 7);

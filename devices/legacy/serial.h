@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 
+#include "devices/legacy/legacy_state.pb.h"
 #include "vmm/base/fd.h"
 #include "vmm/bus.h"
 
@@ -27,6 +28,9 @@ class Serial : public BusDevice {
   // Bytes for the guest to receive.
   void QueueInput(std::span<const uint8_t> bytes);
   void SetTap(std::function<void(uint8_t)> tap);
+
+  SerialState SaveState();
+  void RestoreState(const SerialState& state);
 
  private:
   uint8_t ReadReg(uint8_t reg);
