@@ -14,7 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "api/address.h"
-#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "api/listen.h"
 
 namespace microvmm {
 
@@ -68,7 +68,122 @@ ApiServer::ApiServer(ExitCallback on_exit) : on_exit_(std::move(on_exit)) {}
 ApiServer::ApiServer(std::unique_ptr<Vm> vm, ExitCallback on_exit)
     : on_exit_(std::move(on_exit)), vm_(std::move(vm)) {}
 
-ApiServer::~ApiServer() = default;
+ApiServer::~ApiServer() {
+  std::unique_ptr<migration::MigrationSource> m;
+  std::unique_ptr<migration::IncomingMigration> in;
+  {
+    absl::MutexLock lock(&mu_);
+    m = std::move(migration_);
+    in = std::move(incoming_);
+  }
+  if (m) m->Cancel();
+  if (migration_monitor_.joinable()) migration_monitor_.join();
+  m.reset();
+  in.reset();
+}
+
+void ApiServer::FireExitOnce(int status) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (exit_fired_) return;
+    exit_fired_ = true;
+  }
+  if (on_exit_) on_exit_(status);
+}
+
+absl::Status ApiServer::AdoptVm(std::unique_ptr<Vm> vm) {
+  absl::MutexLock lock(&mu_);
+  if (vm_ != nullptr) return absl::FailedPreconditionError("a VM already exists");
+  vm_ = std::move(vm);
+  return absl::OkStatus();
+}
+
+void ApiServer::MonitorMigration(migration::MigrationSource* m) {
+  MigrationProgress p = m->Wait(absl::InfiniteDuration());
+  if (p.phase() == MIGRATION_COMPLETED) {
+    absl::SleepFor(absl::Milliseconds(300));  // let WatchMigration callers get the final report
+    FireExitOnce(kExitOk);
+  }
+}
+
+grpc::Status ApiServer::StartMigration(grpc::ServerContext*, const StartMigrationRequest* request,
+                                       StartMigrationResponse* response) {
+  auto options = migration::SourceOptionsFromRequest(*request);
+  if (!options.ok()) return ToGrpcStatus(options.status());
+  absl::MutexLock lock(&mu_);
+  if (shutdown_requested_) return FailedPrecondition("the VMM is shutting down");
+  if (vm_ == nullptr) return FailedPrecondition("cannot migrate: no VM");
+  if (migration_ != nullptr && !migration_->done())
+    return FailedPrecondition("a migration is already running (CancelMigration first)");
+  if (migration_ != nullptr && migration_->progress().phase() == MIGRATION_COMPLETED)
+    return FailedPrecondition("the VM has already been migrated away");
+  if (migration_monitor_.joinable()) {
+    mu_.Unlock();
+    migration_monitor_.join();
+    mu_.Lock();
+  }
+  auto m = migration::MigrationSource::Start(vm_.get(), *options);
+  if (!m.ok()) return ToGrpcStatus(m.status());
+  // A finished attempt stays alive: WatchMigration callers may still hold it.
+  if (migration_ != nullptr) old_migrations_.push_back(std::move(migration_));
+  migration_ = std::move(*m);
+  response->set_migration_id(migration_->id());
+  migration_monitor_ = std::thread([this, p = migration_.get()] { MonitorMigration(p); });
+  return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::CancelMigration(grpc::ServerContext*, const CancelMigrationRequest*,
+                                        CancelMigrationResponse*) {
+  absl::MutexLock lock(&mu_);
+  if (migration_ == nullptr || migration_->done())
+    return FailedPrecondition("no migration is running");
+  migration_->Cancel();
+  return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::WatchMigration(grpc::ServerContext* context,
+                                       const WatchMigrationRequest* request,
+                                       grpc::ServerWriter<MigrationProgress>* writer) {
+  migration::MigrationSource* m;
+  {
+    absl::MutexLock lock(&mu_);
+    if (migration_ == nullptr) return FailedPrecondition("no migration has been started");
+    m = migration_.get();  // lives as long as this ApiServer (never replaced while running)
+  }
+  absl::Duration interval =
+      absl::Milliseconds(request->interval_ms() == 0 ? 200 : std::max(20u, request->interval_ms()));
+  for (;;) {
+    MigrationProgress p = m->Wait(interval);
+    bool last = p.phase() == MIGRATION_COMPLETED || p.phase() == MIGRATION_FAILED ||
+                p.phase() == MIGRATION_CANCELLED;
+    if (!writer->Write(p) || last || context->IsCancelled()) break;
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::ReceiveMigration(grpc::ServerContext*,
+                                         const ReceiveMigrationRequest* request,
+                                         ReceiveMigrationResponse*) {
+  if (request->listen_address().empty())
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "listen_address is required");
+  absl::MutexLock lock(&mu_);
+  if (shutdown_requested_) return FailedPrecondition("the VMM is shutting down");
+  if (vm_ != nullptr) return FailedPrecondition("cannot receive a migration: a VM already exists");
+  if (incoming_ != nullptr) return FailedPrecondition("already listening for a migration");
+  SerialConfig serial = request->serial();
+  if (serial.mode() == SerialConfig::MODE_UNSPECIFIED) serial.set_mode(SerialConfig::STDOUT);
+  auto in = migration::IncomingMigration::Listen(
+      request->listen_address(), serial, [this](absl::StatusOr<std::unique_ptr<Vm>> vm) {
+        if (vm.ok()) {
+          (void)AdoptVm(std::move(*vm));
+        } else {
+          FireExitOnce(kExitIncomingFailed);
+        }
+      });
+  if (!in.ok()) return ToGrpcStatus(in.status());
+  incoming_ = std::move(*in);
+  return grpc::Status::OK;
+}
 
 Vm* ApiServer::vm() const {
   absl::MutexLock lock(&mu_);
@@ -208,91 +323,11 @@ grpc::Status ApiServer::GetInfo(grpc::ServerContext*, const GetInfoRequest*, VmI
   return grpc::Status::OK;
 }
 
-namespace {
-
-// Prepares a unix socket path for bind(): removes a stale socket, refuses anything else.
-absl::Status PrepareSocketPath(const std::string& path) {
-  struct stat st;
-  if (lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return absl::OkStatus();
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot use API socket '", path, "': ", std::strerror(errno)));
-  }
-  if (!S_ISSOCK(st.st_mode)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "API socket path '", path,
-        "' exists and is not a socket; refusing to replace it (remove it or pick another path)"));
-  }
-  // A socket: is a live process still serving on it?
-  int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd >= 0) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path, path.data(), path.size());  // length checked by ParseApiAddress
-    const int rc = connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-    close(fd);
-    if (rc == 0) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "API socket '", path, "' is in use: another process is accepting connections on it"));
-    }
-  }
-  if (unlink(path.c_str()) != 0 && errno != ENOENT) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("cannot remove stale API socket '", path, "': ", std::strerror(errno)));
-  }
-  return absl::OkStatus();
-}
-
-// Best-effort explanation of why binding a unix socket failed.
-std::string ExplainUnixBindFailure(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  const std::string dir =
-      slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
-  struct stat st;
-  if (stat(dir.c_str(), &st) != 0) {
-    return absl::StrCat(": directory '", dir, "' does not exist or is not accessible (",
-                        std::strerror(errno), ")");
-  }
-  if (!S_ISDIR(st.st_mode)) return absl::StrCat(": '", dir, "' is not a directory");
-  if (access(dir.c_str(), W_OK | X_OK) != 0) {
-    return absl::StrCat(": directory '", dir, "' is not writable (", std::strerror(errno), ")");
-  }
-  return " (see the gRPC error logged above)";
-}
-
-}  // namespace
-
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartApiServer(absl::string_view address,
                                                              ApiServer* service,
                                                              int* selected_port) {
   if (service == nullptr) return absl::InvalidArgumentError("StartApiServer: null service");
-  absl::StatusOr<ApiAddress> parsed = ParseApiAddress(address);
-  if (!parsed.ok()) return parsed.status();
-  if (!parsed->unix_path.empty()) {
-    if (absl::Status prepared = PrepareSocketPath(parsed->unix_path); !prepared.ok()) {
-      return prepared;
-    }
-  }
-
-  static const bool reflection_initialized = [] {
-    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-    return true;
-  }();
-  (void)reflection_initialized;
-
-  int port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(parsed->grpc, grpc::InsecureServerCredentials(), &port);
-  builder.RegisterService(service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (server == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot serve the API on '", parsed->grpc, "'",
-                                               parsed->unix_path.empty()
-                                                   ? " (address in use or not resolvable?)"
-                                                   : ExplainUnixBindFailure(parsed->unix_path)));
-  }
-  if (selected_port != nullptr) *selected_port = port;
-  return server;
+  return StartGrpcServer(address, service, "API", selected_port);
 }
 
 }  // namespace microvmm

@@ -4,6 +4,8 @@
 
 #include <functional>
 #include <memory>
+#include <vector>
+#include <thread>
 #include <string>
 
 #include "absl/base/thread_annotations.h"
@@ -12,6 +14,8 @@
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/vmm.grpc.pb.h"
+#include "migration/precopy/incoming.h"
+#include "migration/precopy/source.h"
 #include "vmm/vm.h"
 
 namespace microvmm {
@@ -54,6 +58,18 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
                                      ShutdownResponse* response) override;
   grpc::Status GetInfo(grpc::ServerContext* context, const GetInfoRequest* request,
                        VmInfo* response) override;
+  grpc::Status StartMigration(grpc::ServerContext* context, const StartMigrationRequest* request,
+                              StartMigrationResponse* response) override;
+  grpc::Status CancelMigration(grpc::ServerContext* context, const CancelMigrationRequest* request,
+                               CancelMigrationResponse* response) override;
+  grpc::Status WatchMigration(grpc::ServerContext* context, const WatchMigrationRequest* request,
+                              grpc::ServerWriter<MigrationProgress>* writer) override;
+  grpc::Status ReceiveMigration(grpc::ServerContext* context,
+                                const ReceiveMigrationRequest* request,
+                                ReceiveMigrationResponse* response) override;
+
+  // Serves a VM that arrived by an incoming migration (vmm --incoming). No VM may exist yet.
+  absl::Status AdoptVm(std::unique_ptr<Vm> vm);
 
   // The VM, or nullptr before CreateVm. Once set, the pointer stays valid for the lifetime of
   // this ApiServer (the VM is never replaced), so the owner may e.g. WaitForExitFor() on it to
@@ -69,12 +85,20 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
   // The state name for messages: NOT_CREATED, CREATED, RUNNING, PAUSED, EXITED.
   std::string StateNameLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FireExit(int status);
+  // Calls the exit callback unless it already ran.
+  void FireExitOnce(int status);
+  // After a completed outgoing migration the VMM exits (the VM runs elsewhere now).
+  void MonitorMigration(migration::MigrationSource* m);
 
   const ExitCallback on_exit_;
   mutable absl::Mutex mu_;
   std::unique_ptr<Vm> vm_ ABSL_GUARDED_BY(mu_);
   bool shutdown_requested_ ABSL_GUARDED_BY(mu_) = false;
   bool exit_fired_ ABSL_GUARDED_BY(mu_) = false;
+  std::unique_ptr<migration::MigrationSource> migration_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<migration::MigrationSource>> old_migrations_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<migration::IncomingMigration> incoming_ ABSL_GUARDED_BY(mu_);
+  std::thread migration_monitor_;
 };
 
 // Maps the Vm's state to the API's.

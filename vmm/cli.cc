@@ -27,6 +27,12 @@ Machine:
   --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
   --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
 
+Migration:
+  --incoming ADDR        instead of booting a guest, wait for a live migration on ADDR (unix
+                         socket path, unix:PATH or HOST:PORT); the arriving VM then runs here.
+                         --serial sets where its console goes. Exit 75 if the migration fails.
+                         (The source side is the API call StartMigration: vmmctl migrate.)
+
 Control:
   --api-socket PATH      serve the gRPC control API on this unix socket (also unix:PATH,
                          unix-abstract:NAME, HOST:PORT). With an API socket the process stays up
@@ -35,9 +41,10 @@ Control:
   --log-level LEVEL      debug, info (default), warn, error
   -h, --help             this text
 
-Exit status: 0 guest shutdown/reset or shutdown requested; 1 bad command line or configuration;
+Exit status: 0 guest shutdown/reset, shutdown requested, or VM migrated away; 1 bad command line or configuration;
 the test guest's status (1..63) for a test-exit; 70 VMM run-time error; 71 guest crash (triple
-fault); 72 KVM internal error or failed entry (register dump in the log); 73 guest panic (pvpanic).
+fault); 72 KVM internal error or failed entry (register dump in the log); 73 guest panic (pvpanic);
+75 incoming migration failed (nothing ran here).
 )";
 }
 
@@ -102,7 +109,7 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     };
     static const char* kKnown[] = {"--kernel", "--initrd", "--cmdline", "--test-guest",
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
-                                   "--api-socket", "--log-level"};
+                                   "--api-socket", "--log-level", "--incoming"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -134,6 +141,9 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     } else if (flag == "--api-socket") {
       if (value.empty()) return absl::InvalidArgumentError("--api-socket needs a path");
       o.api_socket = value;
+    } else if (flag == "--incoming") {
+      if (value.empty()) return absl::InvalidArgumentError("--incoming needs an address");
+      o.incoming = value;
     } else if (flag == "--log-level") {
       if (value != "debug" && value != "info" && value != "warn" && value != "error")
         return absl::InvalidArgumentError(absl::StrCat("bad --log-level '", value, "'"));
@@ -142,6 +152,12 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
   }
   if (o.help) return o;
   o.has_vm = !o.config.kernel().empty() || !o.config.test_guest().empty();
+  if (!o.incoming.empty()) {
+    if (o.has_vm)
+      return absl::InvalidArgumentError(
+          "--incoming receives the guest from a migration: do not give --kernel/--test-guest");
+    return o;
+  }
   if (!o.has_vm && o.api_socket.empty())
     return absl::InvalidArgumentError(
         "nothing to do: give --kernel or --test-guest, and/or --api-socket (see --help)");

@@ -15,6 +15,7 @@ struct VmmOptions {
   bool has_vm = false;      // a kernel or test guest was given: build and boot it at start
   VmConfig config;
   std::string api_socket;   // empty: no API server
+  std::string incoming;     // listen here for an incoming migration instead of booting
   std::string log_level = "info";
 };
 

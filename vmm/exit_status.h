@@ -9,6 +9,7 @@ inline constexpr int kExitVmmError = 70;      // the VMM itself failed at run ti
 inline constexpr int kExitGuestCrash = 71;    // triple fault (KVM_EXIT_SHUTDOWN)
 inline constexpr int kExitKvmError = 72;      // KVM internal error / failed entry / emulation failure
 inline constexpr int kExitGuestPanic = 73;    // guest wrote to the pvpanic port
+inline constexpr int kExitIncomingFailed = 75;  // incoming migration failed; nothing ran here
 }  // namespace microvmm
 
 #endif  // MICROVMM_VMM_EXIT_STATUS_H_

@@ -2,14 +2,15 @@
 #include <signal.h>
 #include <stdio.h>
 
-#include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/synchronization/mutex.h"
 #include "api/server.h"
+#include "migration/precopy/incoming.h"
 #include "vmm/base/log.h"
 #include "vmm/cli.h"
 #include "vmm/vm.h"
@@ -17,10 +18,20 @@
 namespace microvmm {
 namespace {
 
-int Fail(const absl::Status& s) {
+int Fail(const absl::Status& s, int status = kExitUsage) {
   fprintf(stderr, "vmm: error: %s\n", std::string(s.message()).c_str());
-  return kExitUsage;
+  return status;
 }
+
+// Everything the main thread waits for, set from gRPC / signal threads.
+struct Events {
+  absl::Mutex mu;
+  bool exit_requested ABSL_GUARDED_BY(mu) = false;  // API Shutdown (or a migration completed)
+  int exit_status ABSL_GUARDED_BY(mu) = 0;
+  int signal ABSL_GUARDED_BY(mu) = 0;
+  bool incoming_done ABSL_GUARDED_BY(mu) = false;
+  absl::StatusOr<std::unique_ptr<Vm>> incoming ABSL_GUARDED_BY(mu) = absl::UnknownError("");
+};
 
 int Run(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
@@ -30,8 +41,8 @@ int Run(int argc, char** argv) {
     fputs(VmmUsage().c_str(), stdout);
     return 0;
   }
-  SetLogLevel(opts->log_level == "debug"  ? LogLevel::kDebug
-              : opts->log_level == "warn" ? LogLevel::kWarning
+  SetLogLevel(opts->log_level == "debug"   ? LogLevel::kDebug
+              : opts->log_level == "warn"  ? LogLevel::kWarning
               : opts->log_level == "error" ? LogLevel::kError
                                            : LogLevel::kInfo);
 
@@ -50,69 +61,102 @@ int Run(int argc, char** argv) {
     vm = std::move(*created);
   }
 
-  // Process exit: from the API's Shutdown, a signal, or (without API) the guest. Only this
-  // thread tears the VM down; the signal thread just reports the signal.
-  absl::Mutex mu;
-  bool done = false;
-  int exit_status = 0;
-  int signal_received = 0;
-  auto finish = [&](int status) {
-    absl::MutexLock lock(&mu);
-    if (!done) {
-      done = true;
-      exit_status = status;
+  Events ev;
+  auto request_exit = [&ev](int status) {
+    absl::MutexLock lock(&ev.mu);
+    if (!ev.exit_requested) {
+      ev.exit_requested = true;
+      ev.exit_status = status;
     }
   };
 
   std::unique_ptr<ApiServer> api;
   std::unique_ptr<grpc::Server> server;
-  Vm* vm_ptr = vm.get();
+  Vm* vm_ptr = vm.get();  // the VM this process runs (owned by `vm` or by `api`)
   if (!opts->api_socket.empty()) {
-    api = vm ? std::make_unique<ApiServer>(std::move(vm), finish)
-             : std::make_unique<ApiServer>(finish);
+    api = vm ? std::make_unique<ApiServer>(std::move(vm), request_exit)
+             : std::make_unique<ApiServer>(request_exit);
     auto s = StartApiServer(opts->api_socket, api.get());
     if (!s.ok()) return Fail(s.status());
     server = std::move(*s);
     LOG_INFO("API listening on %s", opts->api_socket);
   }
+
+  std::unique_ptr<migration::IncomingMigration> incoming;
+  if (!opts->incoming.empty()) {
+    auto in = migration::IncomingMigration::Listen(
+        opts->incoming, opts->config.serial(), [&ev](absl::StatusOr<std::unique_ptr<Vm>> r) {
+          absl::MutexLock lock(&ev.mu);
+          ev.incoming = std::move(r);
+          ev.incoming_done = true;
+        });
+    if (!in.ok()) return Fail(in.status());
+    incoming = std::move(*in);
+    LOG_INFO("waiting for an incoming migration on %s", opts->incoming);
+  }
+
   if (vm_ptr != nullptr) {
     if (absl::Status s = vm_ptr->Boot(); !s.ok()) return Fail(s);
   }
 
-  std::thread signals([&] {
+  std::thread signals([&ev, &term] {
     int sig = 0;
     sigwait(&term, &sig);
-    absl::MutexLock lock(&mu);
-    signal_received = sig;
+    absl::MutexLock lock(&ev.mu);
+    ev.signal = sig;
   });
   signals.detach();
 
+  // Only this thread tears the VM down.
+  int status = 0;
   for (;;) {
-    {
-      absl::MutexLock lock(&mu);
-      auto woken = [&] { return done || signal_received != 0; };
-      mu.AwaitWithTimeout(absl::Condition(&woken), absl::Milliseconds(50));
-      if (done) break;
-      if (signal_received != 0) {
-        int sig = signal_received;
-        mu.Unlock();
-        LOG_INFO("received %s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
-        Vm* v = api ? api->vm() : vm_ptr;
-        if (v != nullptr) (void)v->Shutdown();
-        mu.Lock();
-        if (!done) {
-          done = true;
-          exit_status = v != nullptr && v->exit_info() ? v->exit_info()->status : 0;
-        }
-        break;
-      }
+    ev.mu.Lock();
+    auto woken = [&ev]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(ev.mu) {
+      return ev.exit_requested || ev.signal != 0 || ev.incoming_done;
+    };
+    ev.mu.AwaitWithTimeout(absl::Condition(&woken), absl::Milliseconds(50));
+    if (ev.exit_requested) {
+      status = ev.exit_status;
+      ev.mu.Unlock();
+      break;
     }
-    if (!api && vm_ptr->WaitForExitFor(absl::ZeroDuration()).has_value()) {
-      finish(vm_ptr->exit_info()->status);
+    if (ev.signal != 0) {
+      int sig = ev.signal;
+      ev.mu.Unlock();
+      LOG_INFO("received %s: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+      Vm* v = api ? api->vm() : vm_ptr;
+      if (v != nullptr) (void)v->Shutdown();
+      status = v != nullptr && v->exit_info() ? v->exit_info()->status : 0;
+      break;
+    }
+    if (ev.incoming_done) {
+      ev.incoming_done = false;
+      absl::StatusOr<std::unique_ptr<Vm>> r = std::move(ev.incoming);
+      ev.mu.Unlock();
+      if (!r.ok()) {
+        incoming.reset();
+        return Fail(absl::Status(r.status().code(),
+                                 absl::StrCat("incoming migration failed: ", r.status().message())),
+                    kExitIncomingFailed);
+      }
+      LOG_INFO("migrated VM is running here");
+      vm_ptr = r->get();
+      if (api) {
+        if (absl::Status s = api->AdoptVm(std::move(*r)); !s.ok()) return Fail(s, kExitVmmError);
+      } else {
+        vm = std::move(*r);
+      }
+      continue;
+    }
+    ev.mu.Unlock();
+    // Without an API the process ends with its VM.
+    if (!api && vm_ptr != nullptr && vm_ptr->WaitForExitFor(absl::ZeroDuration()).has_value()) {
+      status = vm_ptr->exit_info()->status;
+      break;
     }
   }
-  int status = exit_status;
   if (server) server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+  incoming.reset();
   // The Vm (owned by `api` or `vm`) is destroyed here: vCPU threads are joined.
   api.reset();
   vm.reset();

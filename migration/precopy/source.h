@@ -1,0 +1,63 @@
+// Source side of pre-copy live migration: one thread drives dirty tracking, page streams and the
+// switchover. Any failure before the destination's Ready leaves the VM running here untouched.
+#ifndef MICROVMM_MIGRATION_PRECOPY_SOURCE_H_
+#define MICROVMM_MIGRATION_PRECOPY_SOURCE_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+#include "proto/vmm.pb.h"
+#include "vmm/vm.h"
+
+namespace microvmm::migration {
+
+struct SourceOptions {
+  std::string destination;  // unix socket path, unix:PATH, unix-abstract:NAME or HOST:PORT
+  absl::Duration downtime_limit = absl::Milliseconds(300);
+  uint64_t bandwidth_limit = 0;  // bytes/s, 0 = unlimited
+  uint32_t streams = 2;
+  uint32_t max_iterations = 0;   // 0 = unlimited
+  std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
+};
+
+// Validates and fills defaults from the API request.
+absl::StatusOr<SourceOptions> SourceOptionsFromRequest(const StartMigrationRequest& req);
+
+class MigrationSource {
+ public:
+  // Starts migrating `vm` (RUNNING). `vm` must outlive this object.
+  static absl::StatusOr<std::unique_ptr<MigrationSource>> Start(Vm* vm, SourceOptions options);
+  ~MigrationSource();  // cancels if still running, joins
+
+  MigrationProgress progress() const;
+  bool done() const;
+  void Cancel();
+  // Waits until the migration ended or `timeout` passed; returns the latest progress.
+  MigrationProgress Wait(absl::Duration timeout) const;
+  const std::string& id() const { return id_; }
+
+ private:
+  MigrationSource(Vm* vm, SourceOptions options);
+  void Run();
+  class Session;
+
+  Vm* const vm_;
+  const SourceOptions options_;
+  const std::string id_;
+  std::atomic<bool> cancel_{false};
+  mutable absl::Mutex mu_;
+  MigrationProgress progress_ ABSL_GUARDED_BY(mu_);
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  std::unique_ptr<Session> session_;
+  std::thread thread_;
+};
+
+}  // namespace microvmm::migration
+
+#endif  // MICROVMM_MIGRATION_PRECOPY_SOURCE_H_
