@@ -122,6 +122,7 @@ grpc::Status ApiServer::StartMigration(grpc::ServerContext*, const StartMigratio
     migration_monitor_.join();
     mu_.Lock();
   }
+  options->credentials = tls_.channel;
   auto m = migration::MigrationSource::Start(vm_.get(), *options);
   if (!m.ok()) return ToGrpcStatus(m.status());
   // A finished attempt stays alive: WatchMigration callers may still hold it.
@@ -179,7 +180,8 @@ grpc::Status ApiServer::ReceiveMigration(grpc::ServerContext*,
         } else {
           FireExitOnce(kExitIncomingFailed);
         }
-      });
+      },
+      tls_.server);
   if (!in.ok()) return ToGrpcStatus(in.status());
   incoming_ = std::move(*in);
   return grpc::Status::OK;
@@ -323,11 +325,11 @@ grpc::Status ApiServer::GetInfo(grpc::ServerContext*, const GetInfoRequest*, VmI
   return grpc::Status::OK;
 }
 
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartApiServer(absl::string_view address,
-                                                             ApiServer* service,
-                                                             int* selected_port) {
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartApiServer(
+    absl::string_view address, ApiServer* service, int* selected_port,
+    std::shared_ptr<grpc::ServerCredentials> credentials) {
   if (service == nullptr) return absl::InvalidArgumentError("StartApiServer: null service");
-  return StartGrpcServer(address, service, "API", selected_port);
+  return StartGrpcServer(address, service, "API", selected_port, std::move(credentials));
 }
 
 }  // namespace microvmm

@@ -14,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/vmm.grpc.pb.h"
+#include "api/tls.h"
 #include "migration/precopy/incoming.h"
 #include "migration/precopy/source.h"
 #include "vmm/vm.h"
@@ -68,6 +69,9 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
                                 const ReceiveMigrationRequest* request,
                                 ReceiveMigrationResponse* response) override;
 
+  // mTLS for outgoing migrations and ReceiveMigration listeners (call before serving).
+  void SetTls(TlsCredentials tls) { tls_ = std::move(tls); }
+
   // Serves a VM that arrived by an incoming migration (vmm --incoming). No VM may exist yet.
   absl::Status AdoptVm(std::unique_ptr<Vm> vm);
 
@@ -99,6 +103,7 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
   std::vector<std::unique_ptr<migration::MigrationSource>> old_migrations_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<migration::IncomingMigration> incoming_ ABSL_GUARDED_BY(mu_);
   std::thread migration_monitor_;
+  TlsCredentials tls_;
 };
 
 // Maps the Vm's state to the API's.
@@ -115,9 +120,10 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 // still accepting connections on it, and with UNAVAILABLE if binding fails (e.g. the directory
 // does not exist or is not writable). For TCP, `selected_port` (if not null) receives the port
 // actually bound (useful with port 0).
-absl::StatusOr<std::unique_ptr<grpc::Server>> StartApiServer(absl::string_view address,
-                                                             ApiServer* service,
-                                                             int* selected_port = nullptr);
+// `credentials`: mTLS server credentials (null: insecure).
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartApiServer(
+    absl::string_view address, ApiServer* service, int* selected_port = nullptr,
+    std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
 
 }  // namespace microvmm
 

@@ -26,6 +26,8 @@ Machine:
   --vcpus N              number of vCPUs (default 1, max 254; test guests max 64)
   --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
   --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
+  --dirty-tracking MODE  how live migration finds written pages: auto (default: KVM dirty ring
+                         if available, else bitmap), ring, bitmap
 
 Migration:
   --incoming ADDR        instead of booting a guest, wait for a live migration on ADDR (unix
@@ -38,6 +40,11 @@ Control:
                          unix-abstract:NAME, HOST:PORT). With an API socket the process stays up
                          after the guest exits (GetInfo reports why) until a Shutdown call,
                          SIGINT or SIGTERM; without one it exits with the guest.
+  --tls-cert PEM --tls-key PEM --tls-ca PEM
+                         mutual TLS (all three together): migration listeners and a TCP API
+                         listener require client certificates signed by the CA; outgoing
+                         migrations present this certificate and verify the destination. A unix
+                         API socket stays plain (protected by file permissions).
   --log-level LEVEL      debug, info (default), warn, error
   -h, --help             this text
 
@@ -109,7 +116,8 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     };
     static const char* kKnown[] = {"--kernel", "--initrd", "--cmdline", "--test-guest",
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
-                                   "--api-socket", "--log-level", "--incoming"};
+                                   "--api-socket", "--log-level", "--incoming",
+                                   "--dirty-tracking", "--tls-cert", "--tls-key", "--tls-ca"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -141,6 +149,23 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     } else if (flag == "--api-socket") {
       if (value.empty()) return absl::InvalidArgumentError("--api-socket needs a path");
       o.api_socket = value;
+    } else if (flag == "--dirty-tracking") {
+      if (value == "auto") {
+        o.config.set_dirty_tracking(VmConfig::DIRTY_TRACKING_AUTO);
+      } else if (value == "ring") {
+        o.config.set_dirty_tracking(VmConfig::DIRTY_RING);
+      } else if (value == "bitmap") {
+        o.config.set_dirty_tracking(VmConfig::DIRTY_BITMAP);
+      } else {
+        return absl::InvalidArgumentError(
+            absl::StrCat("bad --dirty-tracking '", value, "': expected auto, ring or bitmap"));
+      }
+    } else if (flag == "--tls-cert") {
+      o.tls_cert = value;
+    } else if (flag == "--tls-key") {
+      o.tls_key = value;
+    } else if (flag == "--tls-ca") {
+      o.tls_ca = value;
     } else if (flag == "--incoming") {
       if (value.empty()) return absl::InvalidArgumentError("--incoming needs an address");
       o.incoming = value;

@@ -17,6 +17,7 @@ struct VmmOptions {
   std::string api_socket;   // empty: no API server
   std::string incoming;     // listen here for an incoming migration instead of booting
   std::string log_level = "info";
+  std::string tls_cert, tls_key, tls_ca;
 };
 
 absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args);

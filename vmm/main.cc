@@ -10,6 +10,7 @@
 
 #include "absl/synchronization/mutex.h"
 #include "api/server.h"
+#include "api/tls.h"
 #include "migration/precopy/incoming.h"
 #include "vmm/base/log.h"
 #include "vmm/cli.h"
@@ -54,6 +55,9 @@ int Run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &term, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
+  auto tls = LoadTlsCredentials({opts->tls_cert, opts->tls_key, opts->tls_ca});
+  if (!tls.ok()) return Fail(tls.status());
+
   std::unique_ptr<Vm> vm;
   if (opts->has_vm) {
     auto created = Vm::Create(opts->config);
@@ -76,7 +80,11 @@ int Run(int argc, char** argv) {
   if (!opts->api_socket.empty()) {
     api = vm ? std::make_unique<ApiServer>(std::move(vm), request_exit)
              : std::make_unique<ApiServer>(request_exit);
-    auto s = StartApiServer(opts->api_socket, api.get());
+    api->SetTls(*tls);
+    // mTLS protects TCP API listeners; a unix socket is protected by file permissions.
+    bool tcp = opts->api_socket.find('/') == std::string::npos &&
+               opts->api_socket.rfind("unix", 0) != 0;
+    auto s = StartApiServer(opts->api_socket, api.get(), nullptr, tcp ? tls->server : nullptr);
     if (!s.ok()) return Fail(s.status());
     server = std::move(*s);
     LOG_INFO("API listening on %s", opts->api_socket);
@@ -89,7 +97,8 @@ int Run(int argc, char** argv) {
           absl::MutexLock lock(&ev.mu);
           ev.incoming = std::move(r);
           ev.incoming_done = true;
-        });
+        },
+        tls->server);
     if (!in.ok()) return Fail(in.status());
     incoming = std::move(*in);
     LOG_INFO("waiting for an incoming migration on %s", opts->incoming);

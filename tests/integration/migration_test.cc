@@ -1,7 +1,10 @@
 // Live migration between two real VMM processes: the memwalk guest keeps writing and verifying
 // generation-stamped pages while it moves; on the destination it must continue (next
 // generations, no FAIL, no restart).
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <memory>
 #include <string>
@@ -37,11 +40,35 @@ class MigrationTest : public ::testing::Test {
     auto ch = grpc::CreateChannel("unix:" + dir_.File("src.sock"), grpc::InsecureChannelCredentials());
     stub_ = Vmm::NewStub(ch);
   }
-  void StartDestination(const std::string& listen) {
-    dst_ = std::make_unique<Subprocess>(
-        std::vector<std::string>{Runfile("vmm/vmm"), "--incoming", listen, "--serial",
-                                 "file:" + dir_.File("dst.log")},
-        dir_.File("dst.out"), dir_.File("dst.err"));
+  void StartDestination(const std::string& listen, std::vector<std::string> extra = {}) {
+    std::vector<std::string> argv = {Runfile("vmm/vmm"), "--incoming", listen, "--serial",
+                                     "file:" + dir_.File("dst.log")};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    dst_ = std::make_unique<Subprocess>(argv, dir_.File("dst.out"), dir_.File("dst.err"));
+  }
+  // A CA and one certificate (SAN localhost + 127.0.0.1, client+server use) signed by it.
+  std::vector<std::string> MakeTls() {
+    std::string d = dir_.path();
+    std::string cmd =
+        "cd " + d + " && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem "
+        "-days 1 -subj /CN=test-ca 2>/dev/null && "
+        "openssl req -newkey rsa:2048 -nodes -keyout vmm.key -out vmm.csr -subj /CN=localhost "
+        "2>/dev/null && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\\nextendedKeyUsage="
+        "serverAuth,clientAuth\\n' > ext && openssl x509 -req -in vmm.csr -CA ca.pem -CAkey "
+        "ca.key -CAcreateserial -out vmm.pem -days 1 -extfile ext 2>/dev/null";
+    EXPECT_EQ(system(cmd.c_str()), 0) << cmd;
+    return {"--tls-cert", d + "/vmm.pem", "--tls-key", d + "/vmm.key", "--tls-ca", d + "/ca.pem"};
+  }
+  static int FreePort() {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    socklen_t len = sizeof(a);
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    close(fd);
+    return ntohs(a.sin_port);
   }
   // Starts the migration and watches it to the end.
   MigrationProgress Migrate(const std::string& to, uint32_t streams = 2) {
@@ -98,6 +125,42 @@ TEST_F(MigrationTest, MemwalkMovesOverUnixSocketAndKeepsVerifying) {
   auto dst_status = dst_->Wait(absl::Seconds(10));
   ASSERT_TRUE(dst_status.has_value());
   EXPECT_EQ(*dst_status, 0);
+}
+
+TEST_F(MigrationTest, MutualTlsOverTcp) {
+  REQUIRE_KVM();
+  std::vector<std::string> tls = MakeTls();
+  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  StartDestination(addr, tls);
+  StartSource(tls);
+  MigrationProgress p = Migrate(addr);
+  ASSERT_EQ(p.phase(), MIGRATION_COMPLETED) << p.error() << Errs();
+  int gen_src = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
+  EXPECT_TRUE(WaitForFileContains(dir_.File("dst.log"),
+                                  "memwalk gen=" + std::to_string(gen_src + 2) + " ok",
+                                  absl::Seconds(30)))
+      << Errs();
+  EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")).find("FAIL"), std::string::npos);
+}
+
+TEST_F(MigrationTest, TlsDestinationRefusesSourceWithoutCertificate) {
+  REQUIRE_KVM();
+  std::vector<std::string> tls = MakeTls();
+  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  StartDestination(addr, tls);
+  StartSource();  // no certificate: the handshake must fail, the VM must stay here
+  MigrationProgress p = Migrate(addr);
+  EXPECT_EQ(p.phase(), MIGRATION_FAILED) << Errs();
+  GetInfoRequest req;
+  VmInfo info;
+  grpc::ClientContext ctx;
+  ASSERT_TRUE(stub_->GetInfo(&ctx, req, &info).ok());
+  EXPECT_EQ(info.state(), RUNNING);
+  int gen = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
+  EXPECT_TRUE(WaitForFileContains(dir_.File("src.log"),
+                                  "memwalk gen=" + std::to_string(gen + 2) + " ok",
+                                  absl::Seconds(30)));
+  EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")), "") << "guest ran on the destination";
 }
 
 }  // namespace
