@@ -26,6 +26,8 @@ Machine:
   --vcpus N              number of vCPUs (default 1, max 254; test guests max 64)
   --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
   --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
+  --prefill PATTERN      benchmarking aid: fill guest RAM above 16 MiB before boot with
+                         random | half (every other page random) | zero
   --dirty-tracking MODE  how live migration finds written pages: auto (default: KVM dirty ring
                          if available, else bitmap), ring, bitmap
 
@@ -117,7 +119,7 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     static const char* kKnown[] = {"--kernel", "--initrd", "--cmdline", "--test-guest",
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
                                    "--api-socket", "--log-level", "--incoming",
-                                   "--dirty-tracking", "--tls-cert", "--tls-key", "--tls-ca"};
+                                   "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -160,6 +162,8 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
         return absl::InvalidArgumentError(
             absl::StrCat("bad --dirty-tracking '", value, "': expected auto, ring or bitmap"));
       }
+    } else if (flag == "--prefill") {
+      o.config.set_prefill(value);
     } else if (flag == "--tls-cert") {
       o.tls_cert = value;
     } else if (flag == "--tls-key") {

@@ -174,6 +174,7 @@ class VmImpl : public Vm {
   void StopAll();
   absl::Status CheckState(RunState want, const char* op) const;
   absl::Status ProbeMsrs();
+  void Prefill();
 
   VmConfig config_;
   const bool incoming_;
@@ -236,8 +237,10 @@ absl::Status VmImpl::Build() {
       return s;
   }
   if (absl::Status s = SetupDevices(); !s.ok()) return s;
-  if (!incoming_)
+  if (!incoming_) {
     if (absl::Status s = LoadGuest(); !s.ok()) return s;
+    Prefill();
+  }
   if (absl::Status s = SetupVcpus(); !s.ok()) return s;
   if (absl::Status s = ProbeMsrs(); !s.ok()) return s;
   std::vector<KvmVcpu*> kv;
@@ -250,6 +253,27 @@ absl::Status VmImpl::Build() {
   if (!tracker.ok()) return tracker.status();
   tracker_ = std::move(*tracker);
   return absl::OkStatus();
+}
+
+void VmImpl::Prefill() {
+  const std::string& p = config_.prefill();
+  if (p.empty() || p == "zero") return;
+  constexpr uint64_t kStart = 16ULL << 20;
+  uint64_t x = 0x9e3779b97f4a7c15ULL;
+  for (const auto& r : mem_->regions()) {
+    for (uint64_t off = 0; off < r.size; off += kPageSize) {
+      uint64_t gpa = r.gpa + off;
+      if (gpa < kStart) continue;
+      if (p == "half" && ((gpa / kPageSize) & 1)) continue;
+      uint64_t* w = reinterpret_cast<uint64_t*>(r.host + off);
+      for (size_t i = 0; i < kPageSize / 8; ++i) {
+        x ^= x << 13;  // xorshift64: fast, incompressible enough for a benchmark
+        x ^= x >> 7;
+        x ^= x << 17;
+        w[i] = x;
+      }
+    }
+  }
 }
 
 absl::Status VmImpl::ProbeMsrs() {
@@ -656,6 +680,10 @@ absl::Status ValidateConfig(VmConfig& c, bool incoming) {
     c.mutable_serial()->set_mode(SerialConfig::STDOUT);
   if (c.serial().mode() == SerialConfig::FILE && c.serial().path().empty())
     return absl::InvalidArgumentError("serial mode FILE needs a path");
+  if (!c.prefill().empty() && c.prefill() != "random" && c.prefill() != "half" &&
+      c.prefill() != "zero")
+    return absl::InvalidArgumentError(
+        absl::StrCat("bad prefill '", c.prefill(), "': expected random, half or zero"));
   if (!VmConfig::DirtyTracking_IsValid(c.dirty_tracking()))
     return absl::InvalidArgumentError("unknown dirty_tracking mode");
   return absl::OkStatus();

@@ -114,7 +114,9 @@ TEST(ParseVmmArgsTest, PositionalArgumentRejected) {
 
 TEST(ParseVmmArgsTest, MissingValue) {
   for (const char* f : {"--kernel", "--initrd", "--cmdline", "--test-guest", "--test-guest-args",
-                        "--vcpus", "--memory", "--serial", "--api-socket", "--log-level"}) {
+                        "--vcpus", "--memory", "--serial", "--api-socket", "--log-level",
+                        "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca",
+                        "--incoming"}) {
     SCOPED_TRACE(f);
     ExpectInvalid({"--test-guest", "hello", f});
   }
@@ -142,6 +144,24 @@ TEST(ParseVmmArgsTest, BadSerial) {
   ExpectInvalid({"--test-guest", "hello", "--serial", "file:"});
   ExpectInvalid({"--test-guest", "hello", "--serial", "tty"});
   ExpectInvalid({"--test-guest", "hello", "--serial", ""});
+}
+
+TEST(ParseVmmArgsTest, Incoming) {
+  auto r = ParseVmmArgs({"--incoming", "127.0.0.1:4444", "--serial", "none"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->incoming, "127.0.0.1:4444");
+  EXPECT_FALSE(r->has_vm);
+  ExpectInvalid({"--incoming", "/tmp/x.sock", "--test-guest", "hello"});  // guest comes by migration
+}
+
+TEST(ParseVmmArgsTest, DirtyTracking) {
+  auto r = ParseVmmArgs({"--test-guest", "hello", "--dirty-tracking", "ring"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.dirty_tracking(), VmConfig::DIRTY_RING);
+  r = ParseVmmArgs({"--test-guest", "hello", "--dirty-tracking", "bitmap"});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config.dirty_tracking(), VmConfig::DIRTY_BITMAP);
+  ExpectInvalid({"--test-guest", "hello", "--dirty-tracking", "pml"});
 }
 
 TEST(ParseVmmArgsTest, BadLogLevel) {
@@ -233,7 +253,9 @@ const std::map<std::string, std::string>& FlagSamples() {
       {"--kernel", "/k"},         {"--initrd", "/i"},      {"--cmdline", "quiet"},
       {"--test-guest", "hello"},  {"--test-guest-args", "a=1"}, {"--vcpus", "2"},
       {"--memory", "256"},        {"--serial", "none"},    {"--api-socket", "/run/s"},
-      {"--log-level", "warn"},
+      {"--log-level", "warn"},     {"--dirty-tracking", "bitmap"}, {"--prefill", "half"},
+      {"--tls-cert", "/c"},        {"--tls-key", "/k"},     {"--tls-ca", "/a"},
+      {"--incoming", "/run/in.sock"},
   };
   return *m;
 }
@@ -249,7 +271,9 @@ TEST(VmmUsageTest, DocumentsEveryAcceptedFlag) {
   for (const auto& [flag, value] : FlagSamples()) {
     SCOPED_TRACE(flag);
     // initrd/cmdline only with a kernel; everything also with an API socket so there's work.
-    Args args = {"--kernel", "/k", "--api-socket", "/run/x", flag, value};
+    // --incoming receives its guest by migration, so it goes without --kernel.
+    Args args = flag == "--incoming" ? Args{flag, value}
+                                     : Args{"--kernel", "/k", "--api-socket", "/run/x", flag, value};
     auto r = ParseVmmArgs(args);
     EXPECT_TRUE(r.ok()) << r.status();
     EXPECT_TRUE(UsageMentions(usage, flag)) << "usage does not mention " << flag;
