@@ -6,6 +6,8 @@
 // test checks what the environment allows — the kernel banner, our boot data (command line, e820
 // map, MP table with every vCPU) and the serial console driver taking over — and prints how far
 // the boot got and why it stopped.
+#include <signal.h>
+
 #include <cstdlib>
 #include <fstream>
 #include <string>
@@ -53,7 +55,7 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
   const bool hw = HostHasHardwareVirt();
   // Flags that let a stock kernel get further under an instruction-emulating KVM; harmless on
   // real hardware.
-  std::string cmdline = "console=ttyS0 reboot=k panic=1 mode=reboot";
+  std::string cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 mode=reboot";
   if (!hw)
     cmdline += " noxsave nopku nopcid noinvpcid nofsgsbase mitigations=off "
                "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,avx,avx2,avx512f,rdpid";
@@ -75,6 +77,21 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
 
   // Software KVM: everything below is printed by the kernel from the data our VMM gave it.
   const absl::Duration limit = absl::Seconds(150);
+  if (std::string(GetParam()) == "bzImage") {
+    // The compressed kernel's own code runs first: it parses our boot_params (command line with
+    // earlyprintk, e820, initrd) and decompresses itself — at emulation speed that alone takes
+    // minutes here, so the check stops at the decompressor.
+    EXPECT_TRUE(WaitForFileContains(console, "early console in extract_kernel", absl::Seconds(60)))
+        << ReadFileOrEmpty(console) << ReadFileOrEmpty(dir_.File("stderr"));
+    EXPECT_TRUE(WaitForFileContains(console, "Decompressing Linux", absl::Seconds(30)))
+        << ReadFileOrEmpty(console);
+    fprintf(stderr,
+            "\n*** LINUX BOOT bzImage (software KVM, no VMX/SVM): the 64-bit boot protocol entry "
+            "works (decompressor running); decompression at emulation speed is not waited for. "
+            "A hardware-KVM host must reach MICROVMM-INIT-OK instead. ***\n");
+    p.Signal(SIGKILL);
+    return;
+  }
   EXPECT_TRUE(WaitForFileContains(console, "Linux version", limit)) << "no kernel banner";
   EXPECT_TRUE(WaitForFileContains(console, "Command line: " + cmdline, absl::Seconds(10)));
   EXPECT_TRUE(WaitForFileContains(console, "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
@@ -101,7 +118,7 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
   if (st.has_value()) EXPECT_NE(*st, 0) << "guest rebooted cleanly on a software KVM?";
 }
 
-INSTANTIATE_TEST_SUITE_P(Images, LinuxBootTest, ::testing::Values("vmlinux"),
+INSTANTIATE_TEST_SUITE_P(Images, LinuxBootTest, ::testing::Values("vmlinux", "bzImage"),
                          [](const auto& info) { return std::string(info.param); });
 
 }  // namespace
