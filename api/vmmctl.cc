@@ -1,4 +1,6 @@
 // vmmctl: command-line client of the VMM control API. See `vmmctl --help`.
+#include <unistd.h>
+
 #include <iostream>
 #include <string>
 #include <vector>
@@ -7,5 +9,5 @@
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  return microvmm::vmmctl::Run(args, std::cout, std::cerr);
+  return microvmm::vmmctl::Run(args, std::cout, std::cerr, isatty(STDOUT_FILENO) == 1);
 }

@@ -1,9 +1,12 @@
 #include "api/vmmctl_lib.h"
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <algorithm>
 #include <climits>
+#include <cmath>
 #include <ostream>
 #include <set>
 #include <utility>
@@ -14,7 +17,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/strip.h"
+#include "absl/time/clock.h"
 #include "api/address.h"
 #include "google/protobuf/util/json_util.h"
 #include "proto/vmm.grpc.pb.h"
@@ -27,9 +33,24 @@ constexpr struct {
   Command command;
   const char* name;
 } kCommands[] = {
-    {Command::kCreate, "create"}, {Command::kBoot, "boot"},         {Command::kPause, "pause"},
-    {Command::kResume, "resume"}, {Command::kShutdown, "shutdown"}, {Command::kInfo, "info"},
+    {Command::kCreate, "create"},
+    {Command::kBoot, "boot"},
+    {Command::kPause, "pause"},
+    {Command::kResume, "resume"},
+    {Command::kShutdown, "shutdown"},
+    {Command::kInfo, "info"},
+    {Command::kMigrate, "migrate"},
+    {Command::kMigrateCancel, "migrate-cancel"},
+    {Command::kMigrateStatus, "migrate-status"},
+    {Command::kReceive, "receive"},
 };
+
+// "create, boot, ..., receive" for error messages.
+std::string CommandList() {
+  std::vector<std::string> names;
+  for (const auto& c : kCommands) names.push_back(c.name);
+  return absl::StrJoin(names, ", ");
+}
 
 absl::Status UsageError(absl::string_view message) { return absl::InvalidArgumentError(message); }
 
@@ -57,7 +78,14 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
               {"--vcpus", true},      {"--memory", true},         {"--serial", true},
               {"--test-guest", true}, {"--test-guest-args", true}};
     case Command::kInfo:
+    case Command::kMigrateStatus:
       return {{"--json", false}};
+    case Command::kMigrate:
+      return {{"--to", true},      {"--downtime-ms", true},    {"--bandwidth", true},
+              {"--streams", true}, {"--max-iterations", true}, {"--no-wait", false},
+              {"--json", false}};
+    case Command::kReceive:
+      return {{"--listen", true}, {"--serial", true}};
     default:
       return {};
   }
@@ -75,6 +103,57 @@ std::string Absolute(absl::string_view path, absl::string_view cwd) {
   while (absl::StartsWith(rel, "./")) rel.remove_prefix(2);
   if (cwd.back() == '/') return absl::StrCat(cwd, rel);
   return absl::StrCat(cwd, "/", rel);
+}
+
+// A uint32 flag value >= `min`; `what` completes "expected a whole number of ...".
+absl::Status ParseUint32Flag(absl::string_view name, absl::string_view value, uint32_t min,
+                             absl::string_view what, uint32_t* out) {
+  uint64_t number = 0;
+  if (!ParseUnsigned(value, UINT32_MAX, &number) || number < min) {
+    return UsageError(absl::StrCat("bad ", name, " value '", value, "': expected ", what));
+  }
+  *out = static_cast<uint32_t>(number);
+  return absl::OkStatus();
+}
+
+// An API address flag (--to, --listen): non-empty and well formed.
+absl::Status CheckAddressFlag(absl::string_view name, absl::string_view value) {
+  if (value.empty()) return UsageError(absl::StrCat("flag ", name, " needs a non-empty value"));
+  absl::StatusOr<ApiAddress> address = ParseApiAddress(value);
+  if (!address.ok()) {
+    return UsageError(
+        absl::StrCat("bad ", name, " value '", value, "': ", address.status().message()));
+  }
+  return absl::OkStatus();
+}
+
+std::string FormatJson(const google::protobuf::Message& message) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string json;
+  if (!google::protobuf::util::MessageToJsonString(message, &json, options).ok()) {
+    return "{}\n";
+  }
+  if (json.empty() || json.back() != '\n') json += '\n';
+  return json;
+}
+
+double Mib(uint64_t bytes) { return static_cast<double>(bytes) / (1024.0 * 1024.0); }
+
+// "2024-05-01 12:00:00.123456789 UTC".
+std::string FormatUnixNanos(int64_t ns) {
+  return absl::FormatTime("%Y-%m-%d %H:%M:%E9S UTC", absl::FromUnixNanos(ns), absl::UTCTimeZone());
+}
+
+std::string Cwd() {
+  std::string cwd;
+  if (char* dir = getcwd(nullptr, 0); dir != nullptr) {
+    cwd = dir;
+    free(dir);
+  }
+  return cwd;
 }
 
 std::string SerialText(const SerialConfig& serial) {
@@ -163,9 +242,8 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       }
       std::optional<Command> command = CommandFromName(arg);
       if (!command.has_value()) {
-        return UsageError(absl::StrCat(
-            "unknown command '", arg,
-            "' (commands: create, boot, pause, resume, shutdown, info; see 'vmmctl --help')"));
+        return UsageError(absl::StrCat("unknown command '", arg, "' (commands: ", CommandList(),
+                                       "; see 'vmmctl --help')"));
       }
       options.command = command;
       continue;
@@ -270,15 +348,53 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
     } else if (name == "--serial") {
       absl::StatusOr<SerialConfig> serial = ParseSerial(*value);
       if (!serial.ok()) return serial.status();
-      *options.config.mutable_serial() = *serial;
+      if (*options.command == Command::kReceive) {
+        *options.receive.mutable_serial() = *serial;
+      } else {
+        *options.config.mutable_serial() = *serial;
+      }
+    } else if (name == "--to") {
+      if (absl::Status s = CheckAddressFlag(name, *value); !s.ok()) return s;
+      options.migration.set_destination(*value);
+    } else if (name == "--listen") {
+      if (absl::Status s = CheckAddressFlag(name, *value); !s.ok()) return s;
+      options.receive.set_listen_address(*value);
+    } else if (name == "--downtime-ms") {
+      uint32_t ms = 0;
+      if (absl::Status s =
+              ParseUint32Flag(name, *value, 1, "a whole number of milliseconds >= 1", &ms);
+          !s.ok()) {
+        return s;
+      }
+      options.migration.set_downtime_limit_ms(ms);
+    } else if (name == "--streams") {
+      uint32_t streams = 0;
+      if (absl::Status s =
+              ParseUint32Flag(name, *value, 1, "a whole number of streams >= 1", &streams);
+          !s.ok()) {
+        return s;
+      }
+      options.migration.set_streams(streams);
+    } else if (name == "--max-iterations") {
+      uint32_t iterations = 0;
+      if (absl::Status s = ParseUint32Flag(
+              name, *value, 0, "a whole number of iterations (0: unlimited)", &iterations);
+          !s.ok()) {
+        return s;
+      }
+      options.migration.set_max_iterations(iterations);
+    } else if (name == "--bandwidth") {
+      absl::StatusOr<uint64_t> bandwidth = ParseBandwidth(*value);
+      if (!bandwidth.ok()) return bandwidth.status();
+      options.migration.set_bandwidth_limit_bytes_per_s(*bandwidth);
+    } else if (name == "--no-wait") {
+      options.no_wait = true;
     }
   }
 
   if (options.help) return options;
   if (!options.command.has_value()) {
-    return UsageError(
-        "missing command (create, boot, pause, resume, shutdown, info; see "
-        "'vmmctl --help')");
+    return UsageError(absl::StrCat("missing command (", CommandList(), "; see 'vmmctl --help')"));
   }
   if (options.socket.empty()) {
     return UsageError(
@@ -288,7 +404,76 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
     if (!vcpus_set) options.config.set_vcpus(kDefaultVcpus);
     if (!memory_set) options.config.set_memory_mib(kDefaultMemoryMib);
   }
+  if (*options.command == Command::kMigrate && options.migration.destination().empty()) {
+    return UsageError(absl::StrCat("missing --to ADDR (the destination VMM's --incoming address)",
+                                   HelpHint(options.command)));
+  }
+  if (*options.command == Command::kReceive && options.receive.listen_address().empty()) {
+    return UsageError(absl::StrCat("missing --listen ADDR (where to wait for the migration)",
+                                   HelpHint(options.command)));
+  }
   return options;
+}
+
+absl::StatusOr<uint64_t> ParseBandwidth(absl::string_view value) {
+  absl::string_view number = value;
+  uint64_t multiplier = 1;
+  if (!number.empty()) {
+    switch (number.back()) {
+      case 'K':
+      case 'k':
+        multiplier = uint64_t{1} << 10;
+        break;
+      case 'M':
+      case 'm':
+        multiplier = uint64_t{1} << 20;
+        break;
+      case 'G':
+      case 'g':
+        multiplier = uint64_t{1} << 30;
+        break;
+      default:
+        break;
+    }
+    if (multiplier != 1) number.remove_suffix(1);
+  }
+  uint64_t amount = 0;
+  if (!ParseUnsigned(number, UINT64_MAX / multiplier, &amount)) {
+    return UsageError(absl::StrCat("bad --bandwidth value '", value,
+                                   "': expected bytes per second, optionally with a binary "
+                                   "suffix K, M or G (64M = 64 MiB/s)"));
+  }
+  return amount * multiplier;
+}
+
+std::string AbsoluteAddress(absl::string_view address, absl::string_view cwd) {
+  if (address.empty() || absl::StartsWith(address, "unix-abstract:")) return std::string(address);
+  if (absl::StartsWith(address, "unix:")) {
+    absl::string_view path = address.substr(5);
+    if (path.empty() || path.front() == '/') return std::string(address);
+    return absl::StrCat("unix:", Absolute(path, cwd));
+  }
+  if (address.front() == '.' || address.find(':') == absl::string_view::npos) {
+    return Absolute(address, cwd);
+  }
+  return std::string(address);  // host:port, dns:, ipv4:, ipv6:
+}
+
+StartMigrationRequest BuildStartMigrationRequest(const StartMigrationRequest& flags,
+                                                 absl::string_view cwd) {
+  StartMigrationRequest request = flags;
+  request.set_destination(AbsoluteAddress(flags.destination(), cwd));
+  return request;
+}
+
+ReceiveMigrationRequest BuildReceiveMigrationRequest(const ReceiveMigrationRequest& flags,
+                                                     absl::string_view cwd) {
+  ReceiveMigrationRequest request = flags;
+  request.set_listen_address(AbsoluteAddress(flags.listen_address(), cwd));
+  if (request.has_serial() && request.serial().mode() == SerialConfig::FILE) {
+    request.mutable_serial()->set_path(Absolute(request.serial().path(), cwd));
+  }
+  return request;
 }
 
 CreateVmRequest BuildCreateVmRequest(const VmConfig& config, absl::string_view cwd) {
@@ -321,17 +506,23 @@ std::string GeneralHelp() {
       "  --help, -h          show help (of a command after it) and exit.\n"
       "\n"
       "commands:\n"
-      "  create    build the VM from a configuration (nothing runs yet)\n"
-      "  boot      start the vCPUs of a created VM\n"
-      "  pause     stop every vCPU of a running VM\n"
-      "  resume    restart the vCPUs of a paused VM\n"
-      "  shutdown  stop the VM for good; the VMM process then exits\n"
-      "  info      show the VM state, size, uptime, exit status and configuration\n"
+      "  create          build the VM from a configuration (nothing runs yet)\n"
+      "  boot            start the vCPUs of a created VM\n"
+      "  pause           stop every vCPU of a running VM\n"
+      "  resume          restart the vCPUs of a paused VM\n"
+      "  shutdown        stop the VM for good; the VMM process then exits\n"
+      "  info            show the VM state, size, uptime, exit status and configuration\n"
+      "  migrate         live-migrate the running VM to another VMM and follow it\n"
+      "  migrate-cancel  stop the running migration (the VM stays here)\n"
+      "  migrate-status  show the progress or outcome of the last migration\n"
+      "  receive         make a VMM without a VM wait for an incoming migration\n"
       "\n",
-      CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo),
+      CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo), "\n",
+      CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigrateCancel), "\n",
+      CommandHelp(Command::kMigrateStatus), "\n", CommandHelp(Command::kReceive),
       "\n"
-      "exit status: 0 success, 1 the call failed (printed as 'vmmctl: CODE: message'),\n"
-      "2 bad command line.\n");
+      "exit status: 0 success, 1 the call failed (printed as 'vmmctl: CODE: message') or the\n"
+      "migration did not complete, 2 bad command line.\n");
 }
 
 std::string CommandHelp(Command command) {
@@ -367,6 +558,52 @@ std::string CommandHelp(Command command) {
     case Command::kInfo:
       return "vmmctl --socket PATH info [--json]: show the VM (GetInfo).\n"
              "  --json                  print the VmInfo message as JSON (proto field names)\n";
+    case Command::kMigrate:
+      return "vmmctl --socket PATH migrate --to ADDR [flags]: live-migrate the running VM to the\n"
+             "VMM listening on ADDR (started with 'vmm --incoming ADDR', or after 'vmmctl\n"
+             "receive'), then follow it until it ends (StartMigration, WatchMigration). On a\n"
+             "terminal one progress line is redrawn (phase, iteration, a bar of the RAM sent in\n"
+             "the first pass / still dirty afterwards, MiB sent, MiB/s, dirty pages/s, expected\n"
+             "downtime); otherwise one line is printed per progress update. At the end a summary\n"
+             "(phase, total time, downtime with the pause and resume times, bytes / pages / zero\n"
+             "pages sent, iterations, dirty tracking) is printed. Exit status 0 only if the\n"
+             "migration COMPLETED (the source VMM then exits); 1 if it failed or was cancelled\n"
+             "(the VM keeps running here). Following it has no deadline (--timeout applies to\n"
+             "starting it only); interrupting vmmctl does not stop the migration: use\n"
+             "migrate-cancel.\n"
+             "  --to ADDR               destination: socket path, unix:PATH or HOST:PORT (a\n"
+             "                          relative path is made absolute here). Required.\n"
+             "  --downtime-ms N         longest acceptable pause of the guest in ms (default of\n"
+             "                          the VMM: 300); pre-copy iterates until it fits\n"
+             "  --bandwidth RATE        bandwidth limit in bytes/s, with an optional binary\n"
+             "                          suffix K, M or G (64M = 64 MiB/s; 0 = unlimited, the\n"
+             "                          default; the VMM requires at least 64K)\n"
+             "  --streams N             parallel page streams (default of the VMM: 2, max 16)\n"
+             "  --max-iterations N      switch over after N pre-copy iterations even if the\n"
+             "                          downtime limit is not met (default 0: unlimited)\n"
+             "  --no-wait               only start it: print the migration id and exit\n"
+             "  --json                  print the final MigrationProgress as JSON (proto field\n"
+             "                          names) instead of the summary, and no progress lines\n"
+             "                          when not on a terminal (with --no-wait: the\n"
+             "                          StartMigrationResponse)\n";
+    case Command::kMigrateCancel:
+      return "vmmctl --socket PATH migrate-cancel: stop the running migration (CancelMigration).\n"
+             "The VM keeps running on this VMM; a migration past the point of no return (the\n"
+             "destination has everything) cannot be cancelled. No flags.\n";
+    case Command::kMigrateStatus:
+      return "vmmctl --socket PATH migrate-status [--json]: show the current or last migration\n"
+             "of this VMM (the first WatchMigration message), like the summary of 'migrate'\n"
+             "plus the live rates while it runs. Exit status 0 whatever its phase.\n"
+             "  --json                  print the MigrationProgress message as JSON (proto\n"
+             "                          field names)\n";
+    case Command::kReceive:
+      return "vmmctl --socket PATH receive --listen ADDR [--serial MODE]: make this VMM (which\n"
+             "must have no VM) listen for one incoming migration (ReceiveMigration); returns\n"
+             "once it listens. The VM arrives running; 'info' then shows it.\n"
+             "  --listen ADDR           where to listen: socket path, unix:PATH or HOST:PORT (a\n"
+             "                          relative path is made absolute here). Required.\n"
+             "  --serial MODE           console of the arriving guest here: stdout (the VMM's\n"
+             "                          stdout, the default), file:PATH (append) or none\n";
   }
   return "";
 }
@@ -395,17 +632,108 @@ std::string FormatVmInfo(const VmInfo& info) {
   return out;
 }
 
-std::string FormatVmInfoJson(const VmInfo& info) {
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.always_print_primitive_fields = true;
-  options.preserve_proto_field_names = true;
-  std::string json;
-  if (!google::protobuf::util::MessageToJsonString(info, &json, options).ok()) {
-    return "{}\n";
+std::string FormatVmInfoJson(const VmInfo& info) { return FormatJson(info); }
+
+std::string MigrationPhaseName(MigrationPhase phase) {
+  const std::string& name = MigrationPhase_Name(phase);
+  if (name.empty()) return absl::StrCat("PHASE_", static_cast<int>(phase));
+  absl::string_view short_name = name;
+  absl::ConsumePrefix(&short_name, "MIGRATION_");
+  return std::string(short_name);
+}
+
+bool IsTerminalMigrationPhase(MigrationPhase phase) {
+  return phase == MIGRATION_COMPLETED || phase == MIGRATION_FAILED || phase == MIGRATION_CANCELLED;
+}
+
+std::string FormatMigrationProgressLine(const MigrationProgress& p) {
+  constexpr int kBarWidth = 20;
+  const MigrationPhase phase = p.phase();
+  const bool first_pass =
+      p.iteration() == 0 && !IsTerminalMigrationPhase(phase) && phase != MIGRATION_SWITCHOVER;
+  const uint64_t ram_pages = p.ram_bytes() / kMigrationPageSize;
+  // First pass: the share of RAM sent (rounded down). Later: the share of RAM still dirty,
+  // i.e. left to send (rounded up, so that anything left shows).
+  double fraction = 0;
+  int filled = 0;
+  int percent = 0;
+  if (first_pass) {
+    if (p.ram_bytes() > 0) {
+      fraction = std::min(1.0, static_cast<double>(p.pages_sent()) * kMigrationPageSize /
+                                   static_cast<double>(p.ram_bytes()));
+    }
+    filled = static_cast<int>(std::floor(fraction * kBarWidth));
+    percent = static_cast<int>(std::floor(fraction * 100));
+  } else {
+    if (ram_pages > 0) {
+      fraction = std::min(1.0, static_cast<double>(p.remaining_pages()) / ram_pages);
+    }
+    filled = static_cast<int>(std::ceil(fraction * kBarWidth));
+    percent = static_cast<int>(std::ceil(fraction * 100));
   }
-  if (json.empty() || json.back() != '\n') json += '\n';
-  return json;
+  const std::string bar = std::string(filled, '#') + std::string(kBarWidth - filled, '-');
+  const std::string expected =
+      p.bandwidth_bytes_per_s() == 0 ? "?" : absl::StrFormat("~%u ms", p.expected_downtime_ms());
+  return absl::StrFormat(
+      "%6.1fs %-10s iter %-2u [%s] %3d%% %s  %.1f MiB sent  %.1f MiB/s  %u dirty pages/s  "
+      "expected downtime %s",
+      p.elapsed_ms() / 1000.0, MigrationPhaseName(phase), p.iteration(), bar, percent,
+      first_pass ? "sent" : "left", Mib(p.bytes_sent()), Mib(p.bandwidth_bytes_per_s()),
+      p.dirty_pages_per_s(), expected);
+}
+
+std::string FormatMigrationSummary(const MigrationProgress& p) {
+  std::string out;
+  auto line = [&out](absl::string_view key, absl::string_view value) {
+    absl::StrAppendFormat(&out, "%-21s%s\n", absl::StrCat(key, ":"), value);
+  };
+  const bool terminal = IsTerminalMigrationPhase(p.phase());
+  line("phase", MigrationPhaseName(p.phase()));
+  if (!p.error().empty()) {
+    line("error", absl::StrReplaceAll(p.error(), {{"\r", ""}, {"\n", "; "}}));
+  }
+  if (!p.migration_id().empty()) line("migration id", p.migration_id());
+  if (!p.destination().empty()) line("destination", p.destination());
+  if (terminal) {
+    const uint64_t total_ms = p.total_ms() != 0 ? p.total_ms() : p.elapsed_ms();
+    line("total time", absl::StrFormat("%.3f s", total_ms / 1000.0));
+  } else {
+    line("elapsed", absl::StrFormat("%.3f s", p.elapsed_ms() / 1000.0));
+  }
+  if (p.phase() == MIGRATION_COMPLETED || p.source_pause_unix_ns() != 0) {
+    line("downtime",
+         absl::StrCat(p.downtime_ms(), " ms",
+                      p.destination_resume_unix_ns() == 0 && p.source_pause_unix_ns() != 0
+                          ? " (measured on the source: no resume time from the destination)"
+                          : ""));
+    line("source paused",
+         p.source_pause_unix_ns() != 0 ? FormatUnixNanos(p.source_pause_unix_ns()) : "-");
+    line("destination resumed", p.destination_resume_unix_ns() != 0
+                                    ? FormatUnixNanos(p.destination_resume_unix_ns())
+                                    : "-");
+  }
+  line("bytes sent", absl::StrFormat("%u (%.1f MiB)", p.bytes_sent(), Mib(p.bytes_sent())));
+  line("pages sent", absl::StrCat(p.pages_sent()));
+  line("zero pages", absl::StrCat(p.zero_pages()));
+  // `iteration` counts the pre-copy passes; the switchover sends the last pages in one more.
+  line("iterations", p.phase() == MIGRATION_COMPLETED || p.phase() == MIGRATION_SWITCHOVER
+                         ? absl::StrCat(p.iteration(), " pre-copy + switchover")
+                         : absl::StrCat(p.iteration()));
+  if (!terminal) {
+    line("remaining pages", absl::StrCat(p.remaining_pages()));
+    line("dirty rate", absl::StrCat(p.dirty_pages_per_s(), " pages/s"));
+    line("bandwidth", absl::StrFormat("%.1f MiB/s", Mib(p.bandwidth_bytes_per_s())));
+    line("expected downtime", p.bandwidth_bytes_per_s() == 0
+                                  ? std::string("? (no bandwidth measured yet)")
+                                  : absl::StrCat(p.expected_downtime_ms(), " ms"));
+  }
+  line("dirty tracking", p.dirty_tracking().empty() ? "-" : p.dirty_tracking());
+  if (p.ram_bytes() != 0) line("RAM", absl::StrFormat("%.0f MiB", Mib(p.ram_bytes())));
+  return out;
+}
+
+std::string FormatMigrationProgressJson(const MigrationProgress& progress) {
+  return FormatJson(progress);
 }
 
 std::string FormatRpcError(const grpc::Status& status, absl::string_view socket,
@@ -429,7 +757,141 @@ std::string FormatRpcError(const grpc::Status& status, absl::string_view socket,
   return absl::StrCat("vmmctl: ", code, ": ", message);
 }
 
-int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+namespace {
+
+std::chrono::system_clock::time_point Deadline(absl::Duration timeout) {
+  return std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout);
+}
+
+// Terminal width of stdout (0 if unknown).
+int TerminalColumns() {
+  struct winsize ws = {};
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) != 0) return 0;
+  return ws.ws_col;
+}
+
+// `migrate`: StartMigration (with the --timeout deadline), then WatchMigration (no deadline)
+// until a terminal phase.
+int RunMigrate(Vmm::Stub& stub, const Options& options, std::ostream& out, std::ostream& err,
+               bool out_is_tty) {
+  const StartMigrationRequest request = BuildStartMigrationRequest(options.migration, Cwd());
+  StartMigrationResponse started;
+  const absl::Time started_at = absl::Now();
+  {
+    grpc::ClientContext context;
+    context.set_deadline(Deadline(options.timeout));
+    grpc::Status status = stub.StartMigration(&context, request, &started);
+    if (!status.ok()) {
+      err << FormatRpcError(status, options.socket, options.timeout) << "\n";
+      return 1;
+    }
+  }
+  if (options.no_wait) {
+    if (options.json) {
+      out << FormatJson(started);
+    } else {
+      out << "migration " << started.migration_id() << " to " << request.destination()
+          << " started (follow it with 'vmmctl migrate-status')\n";
+    }
+    return 0;
+  }
+  if (!options.json) {
+    out << "migration " << started.migration_id() << " to " << request.destination() << " started\n"
+        << std::flush;
+  }
+
+  // No deadline: a migration may take far longer than --timeout. The VMM was just reachable;
+  // if it goes away the call fails (UNAVAILABLE) rather than waiting.
+  grpc::ClientContext context;
+  WatchMigrationRequest watch;
+  watch.set_interval_ms(200);
+  std::unique_ptr<grpc::ClientReader<MigrationProgress>> reader =
+      stub.WatchMigration(&context, watch);
+  const int columns = out_is_tty ? TerminalColumns() : 0;
+  MigrationProgress progress;
+  MigrationProgress last;
+  bool received = false;
+  bool drawn = false;
+  std::string last_line;
+  while (reader->Read(&progress)) {
+    last = progress;
+    received = true;
+    if (out_is_tty) {
+      // The VMM refreshes elapsed_ms only at iteration boundaries: keep the redrawn clock moving.
+      MigrationProgress shown = progress;
+      if (!IsTerminalMigrationPhase(shown.phase())) {
+        shown.set_elapsed_ms(std::max<uint64_t>(
+            shown.elapsed_ms(), absl::ToInt64Milliseconds(absl::Now() - started_at)));
+      }
+      std::string line = FormatMigrationProgressLine(shown);
+      if (columns > 1 && line.size() >= static_cast<size_t>(columns)) line.resize(columns - 1);
+      out << "\r" << line << "\x1b[K" << std::flush;
+      drawn = true;
+    } else if (!options.json) {
+      std::string line = FormatMigrationProgressLine(progress);
+      if (line != last_line) out << line << "\n" << std::flush;  // only when something changed
+      last_line = std::move(line);
+    }
+    if (IsTerminalMigrationPhase(progress.phase())) break;
+  }
+  if (drawn) out << (options.json ? "\r\x1b[K" : "\n") << std::flush;
+  const bool finished = received && IsTerminalMigrationPhase(last.phase());
+  // After a terminal phase the VMM ends the stream; cancel anyway so that Finish never waits.
+  if (finished) context.TryCancel();
+  grpc::Status status = reader->Finish();
+  if (!finished) {
+    if (status.ok()) {
+      status = grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "the progress stream ended before the migration did");
+    }
+    err << "vmmctl: "
+        << absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()))
+        << ": lost the progress of migration " << started.migration_id() << " from the VMM at '"
+        << options.socket
+        << "': " << absl::StrReplaceAll(status.error_message(), {{"\r", ""}, {"\n", "; "}})
+        << " (it may still be running: see 'vmmctl migrate-status')\n";
+    if (received && !options.json) out << FormatMigrationSummary(last);
+    return 1;
+  }
+  out << (options.json ? FormatMigrationProgressJson(last) : FormatMigrationSummary(last));
+  if (last.phase() != MIGRATION_COMPLETED) {
+    err << "vmmctl: migration " << MigrationPhaseName(last.phase()) << ": "
+        << (last.error().empty() ? "(no error message)"
+                                 : absl::StrReplaceAll(last.error(), {{"\r", ""}, {"\n", "; "}}))
+        << "\n";
+    return 1;
+  }
+  return 0;
+}
+
+// `migrate-status`: the first WatchMigration message, then cancel the call.
+int RunMigrateStatus(Vmm::Stub& stub, const Options& options, std::ostream& out,
+                     std::ostream& err) {
+  grpc::ClientContext context;
+  context.set_deadline(Deadline(options.timeout));
+  WatchMigrationRequest watch;
+  watch.set_interval_ms(20);  // the first message comes after one interval (or at the end)
+  std::unique_ptr<grpc::ClientReader<MigrationProgress>> reader =
+      stub.WatchMigration(&context, watch);
+  MigrationProgress progress;
+  const bool received = reader->Read(&progress);
+  if (received) context.TryCancel();
+  grpc::Status status = reader->Finish();
+  if (!received) {
+    if (status.ok()) {
+      status = grpc::Status(grpc::StatusCode::UNKNOWN, "WatchMigration sent no progress");
+    }
+    err << FormatRpcError(status, options.socket, options.timeout) << "\n";
+    return 1;
+  }
+  out << (options.json ? FormatMigrationProgressJson(progress) : FormatMigrationSummary(progress));
+  return 0;
+}
+
+}  // namespace
+
+int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& err,
+        bool out_is_tty) {
   absl::StatusOr<Options> parsed = ParseArgs(args);
   if (!parsed.ok()) {
     err << "vmmctl: usage: " << parsed.status().message() << "\n";
@@ -449,19 +911,19 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateChannel(address->grpc, grpc::InsecureChannelCredentials());
   std::unique_ptr<Vmm::Stub> stub = Vmm::NewStub(channel);
+  if (*options.command == Command::kMigrate) {
+    return RunMigrate(*stub, options, out, err, out_is_tty);
+  }
+  if (*options.command == Command::kMigrateStatus) {
+    return RunMigrateStatus(*stub, options, out, err);
+  }
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() +
-                       absl::ToChronoMilliseconds(options.timeout));
+  context.set_deadline(Deadline(options.timeout));
 
   grpc::Status status;
   switch (*options.command) {
     case Command::kCreate: {
-      std::string cwd;
-      if (char* dir = getcwd(nullptr, 0); dir != nullptr) {
-        cwd = dir;
-        free(dir);
-      }
-      CreateVmRequest request = BuildCreateVmRequest(options.config, cwd);
+      CreateVmRequest request = BuildCreateVmRequest(options.config, Cwd());
       CreateVmResponse response;
       status = stub->CreateVm(&context, request, &response);
       break;
@@ -492,6 +954,20 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       if (status.ok()) out << (options.json ? FormatVmInfoJson(info) : FormatVmInfo(info));
       break;
     }
+    case Command::kMigrateCancel: {
+      CancelMigrationResponse response;
+      status = stub->CancelMigration(&context, CancelMigrationRequest(), &response);
+      break;
+    }
+    case Command::kReceive: {
+      ReceiveMigrationRequest request = BuildReceiveMigrationRequest(options.receive, Cwd());
+      ReceiveMigrationResponse response;
+      status = stub->ReceiveMigration(&context, request, &response);
+      break;
+    }
+    case Command::kMigrate:
+    case Command::kMigrateStatus:
+      break;  // handled above
   }
   if (!status.ok()) {
     err << FormatRpcError(status, options.socket, options.timeout) << "\n";
