@@ -22,6 +22,7 @@
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "api/address.h"
+#include "api/tls.h"
 #include "google/protobuf/util/json_util.h"
 #include "proto/vmm.grpc.pb.h"
 
@@ -68,7 +69,10 @@ bool ParseUnsigned(absl::string_view text, uint64_t max, uint64_t* out) {
   return true;
 }
 
-bool IsGlobalFlag(absl::string_view name) { return name == "--socket" || name == "--timeout"; }
+bool IsGlobalFlag(absl::string_view name) {
+  return name == "--socket" || name == "--timeout" || name == "--tls-cert" ||
+         name == "--tls-key" || name == "--tls-ca";
+}
 
 // Flags each command takes (besides the global ones); `true` = takes a value.
 std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
@@ -303,6 +307,10 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
     if (name == "--socket") {
       if (value->empty()) return UsageError("--socket needs a non-empty path");
       options.socket = *value;
+    } else if (name == "--tls-cert" || name == "--tls-key" || name == "--tls-ca") {
+      if (value->empty()) return UsageError(absl::StrCat("flag ", name, " needs a file"));
+      (name == "--tls-cert" ? options.tls_cert
+                            : name == "--tls-key" ? options.tls_key : options.tls_ca) = *value;
     } else if (name == "--timeout") {
       absl::StatusOr<absl::Duration> timeout = ParseTimeout(*value);
       if (!timeout.ok()) return timeout.status();
@@ -503,6 +511,9 @@ std::string GeneralHelp() {
       "                      unix:PATH, unix-abstract:NAME or host:port. Required.\n"
       "  --timeout SECONDS   deadline of the call: seconds (10, 2.5) or a duration\n"
       "                      (500ms, 1m). Default 10.\n"
+      "  --tls-cert PEM --tls-key PEM --tls-ca PEM\n"
+      "                      mutual TLS for a TCP API (the VMM's --tls-* files): all\n"
+      "                      three together.\n"
       "  --help, -h          show help (of a command after it) and exit.\n"
       "\n"
       "commands:\n"
@@ -908,8 +919,14 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     return 2;
   }
 
-  std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateChannel(address->grpc, grpc::InsecureChannelCredentials());
+  absl::StatusOr<TlsCredentials> tls =
+      LoadTlsCredentials({options.tls_cert, options.tls_key, options.tls_ca});
+  if (!tls.ok()) {
+    err << "vmmctl: usage: " << tls.status().message() << "\n";
+    return 2;
+  }
+  std::shared_ptr<grpc::Channel> channel = grpc::CreateChannel(
+      address->grpc, tls->channel ? tls->channel : grpc::InsecureChannelCredentials());
   std::unique_ptr<Vmm::Stub> stub = Vmm::NewStub(channel);
   if (*options.command == Command::kMigrate) {
     return RunMigrate(*stub, options, out, err, out_is_tty);

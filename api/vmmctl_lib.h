@@ -44,6 +44,7 @@ inline constexpr uint64_t kMigrationPageSize = 4096;
 struct Options {
   std::string socket;                        // --socket (required unless help)
   absl::Duration timeout = kDefaultTimeout;  // --timeout
+  std::string tls_cert, tls_key, tls_ca;     // --tls-cert/--tls-key/--tls-ca (TCP API with mTLS)
   std::optional<Command> command;            // nullopt only when help is set
   bool help = false;                         // --help / -h / `help [command]`
   bool json = false;                         // info / migrate / migrate-status --json

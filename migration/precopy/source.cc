@@ -96,6 +96,13 @@ class MigrationSource::Session {
     for (auto& s : streams_)
       if (s->ctx) s->ctx->TryCancel();
   }
+  // Counters that move during a pass (progress between dirty syncs).
+  void FillLive(MigrationProgress& p) const {
+    p.set_bytes_sent(std::max<uint64_t>(p.bytes_sent(), bytes_sent_));
+    p.set_pages_sent(std::max<uint64_t>(p.pages_sent(), pages_sent_));
+    p.set_zero_pages(std::max<uint64_t>(p.zero_pages(), zero_pages_));
+    p.set_elapsed_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
+  }
   // Outcome after Run(): was the VM handed over (Ready received)?
   bool committed() const { return committed_; }
   bool paused_by_us() const { return paused_by_us_; }
@@ -447,7 +454,9 @@ void MigrationSource::Cancel() {
 
 MigrationProgress MigrationSource::progress() const {
   absl::MutexLock lock(&mu_);
-  return progress_;
+  MigrationProgress p = progress_;
+  if (!done_ && session_) session_->FillLive(p);
+  return p;
 }
 
 bool MigrationSource::done() const {
@@ -458,7 +467,9 @@ bool MigrationSource::done() const {
 MigrationProgress MigrationSource::Wait(absl::Duration timeout) const {
   absl::MutexLock lock(&mu_);
   mu_.AwaitWithTimeout(absl::Condition(&done_), timeout);
-  return progress_;
+  MigrationProgress p = progress_;
+  if (!done_ && session_) session_->FillLive(p);
+  return p;
 }
 
 }  // namespace microvmm::migration

@@ -163,5 +163,31 @@ TEST_F(MigrationTest, TlsDestinationRefusesSourceWithoutCertificate) {
   EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")), "") << "guest ran on the destination";
 }
 
+TEST_F(MigrationTest, TcpApiRequiresClientCertificate) {
+  REQUIRE_KVM();
+  std::vector<std::string> tls = MakeTls();
+  std::string api = "127.0.0.1:" + std::to_string(FreePort());
+  std::vector<std::string> argv = {Runfile("vmm/vmm"), "--test-guest", "memwalk", "--memory", "64",
+                                   "--test-guest-args", "mib=2", "--serial",
+                                   "file:" + dir_.File("src.log"), "--api-socket", api};
+  argv.insert(argv.end(), tls.begin(), tls.end());
+  Subprocess vmm(argv, dir_.File("src.out"), dir_.File("src.err"));
+  ASSERT_TRUE(WaitForFileContains(dir_.File("src.log"), "gen=1 ok", absl::Seconds(30)));
+  auto ctl = [&](std::vector<std::string> extra, const std::string& out) {
+    std::vector<std::string> a = {Runfile("api/vmmctl"), "--socket", api, "--timeout", "3"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    a.push_back("info");
+    Subprocess p(a, dir_.File(out), dir_.File(out + ".err"));
+    return p.Wait(absl::Seconds(20));
+  };
+  auto with = ctl(tls, "with");
+  ASSERT_TRUE(with.has_value());
+  EXPECT_EQ(*with, 0) << ReadFileOrEmpty(dir_.File("with.err"));
+  EXPECT_NE(ReadFileOrEmpty(dir_.File("with")).find("RUNNING"), std::string::npos);
+  auto without = ctl({}, "without");
+  ASSERT_TRUE(without.has_value());
+  EXPECT_EQ(*without, 1) << "plaintext client got through to an mTLS API";
+}
+
 }  // namespace
 }  // namespace microvmm::testing
