@@ -310,3 +310,65 @@ absl::Status KvmVm::SetClock(const kvm_clock_data& clock) {
 }
 
 }  // namespace microvmm
+
+// ---- Interrupt routing and eventfds (KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IOEVENTFD). ----
+namespace microvmm {
+
+absl::Status KvmVm::SetGsiRouting(const std::vector<kvm_irq_routing_entry>& entries) {
+  // struct kvm_irq_routing ends in a flexible array: one buffer for header + entries.
+  std::vector<uint8_t> buf(sizeof(kvm_irq_routing) +
+                           entries.size() * sizeof(kvm_irq_routing_entry));
+  auto* r = reinterpret_cast<kvm_irq_routing*>(buf.data());
+  r->nr = entries.size();
+  r->flags = 0;
+  if (!entries.empty())
+    std::memcpy(r->entries, entries.data(), entries.size() * sizeof(kvm_irq_routing_entry));
+  return Ioctl(fd_.get(), KVM_SET_GSI_ROUTING, r, "KVM_SET_GSI_ROUTING");
+}
+
+namespace {
+absl::Status IrqfdIoctl(int vm_fd, int fd, uint32_t gsi, uint32_t flags, const char* what) {
+  kvm_irqfd f{};
+  f.fd = static_cast<uint32_t>(fd);
+  f.gsi = gsi;
+  f.flags = flags;
+  return Ioctl(vm_fd, KVM_IRQFD, &f, absl::StrCat(what, " gsi ", gsi));
+}
+
+absl::Status IoeventfdIoctl(int vm_fd, int fd, uint64_t addr, uint32_t len, bool pio,
+                            std::optional<uint64_t> datamatch, bool deassign) {
+  kvm_ioeventfd e{};
+  e.addr = addr;
+  e.len = len;
+  e.fd = fd;
+  if (pio) e.flags |= KVM_IOEVENTFD_FLAG_PIO;
+  if (datamatch.has_value()) {
+    e.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+    e.datamatch = *datamatch;
+  }
+  if (deassign) e.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+  return Ioctl(vm_fd, KVM_IOEVENTFD, &e,
+               absl::StrCat(deassign ? "KVM_IOEVENTFD deassign " : "KVM_IOEVENTFD ",
+                            pio ? "port 0x" : "mmio 0x", absl::Hex(addr), " len ", len));
+}
+}  // namespace
+
+absl::Status KvmVm::AssignIrqfd(int fd, uint32_t gsi) {
+  return IrqfdIoctl(fd_.get(), fd, gsi, 0, "KVM_IRQFD");
+}
+
+absl::Status KvmVm::DeassignIrqfd(int fd, uint32_t gsi) {
+  return IrqfdIoctl(fd_.get(), fd, gsi, KVM_IRQFD_FLAG_DEASSIGN, "KVM_IRQFD deassign");
+}
+
+absl::Status KvmVm::AssignIoeventfd(int fd, uint64_t addr, uint32_t len, bool pio,
+                                    std::optional<uint64_t> datamatch) {
+  return IoeventfdIoctl(fd_.get(), fd, addr, len, pio, datamatch, /*deassign=*/false);
+}
+
+absl::Status KvmVm::DeassignIoeventfd(int fd, uint64_t addr, uint32_t len, bool pio,
+                                      std::optional<uint64_t> datamatch) {
+  return IoeventfdIoctl(fd_.get(), fd, addr, len, pio, datamatch, /*deassign=*/true);
+}
+
+}  // namespace microvmm

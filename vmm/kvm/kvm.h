@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -87,6 +88,20 @@ class KvmVm {
   absl::Status SetPit2(const kvm_pit_state2& pit);
   absl::StatusOr<kvm_clock_data> GetClock() const;
   absl::Status SetClock(const kvm_clock_data& clock);
+
+  // Interrupt routing and eventfd plumbing (used by //vmm/pci).
+  // KVM_SET_GSI_ROUTING: replaces the VM's whole GSI routing table with `entries`.
+  absl::Status SetGsiRouting(const std::vector<kvm_irq_routing_entry>& entries);
+  // KVM_IRQFD: a write to eventfd `fd` raises `gsi` (edge). Deassign takes the same pair.
+  absl::Status AssignIrqfd(int fd, uint32_t gsi);
+  absl::Status DeassignIrqfd(int fd, uint32_t gsi);
+  // KVM_IOEVENTFD: a guest write of `len` bytes (1/2/4/8; 0 = any length, MMIO only) to `addr`
+  // (a port if `pio`) signals `fd` in the kernel instead of exiting; with `datamatch` only
+  // writes of that value do. Deassign needs exactly the parameters given to assign.
+  absl::Status AssignIoeventfd(int fd, uint64_t addr, uint32_t len, bool pio,
+                               std::optional<uint64_t> datamatch);
+  absl::Status DeassignIoeventfd(int fd, uint64_t addr, uint32_t len, bool pio,
+                                 std::optional<uint64_t> datamatch);
 
  private:
   explicit KvmVm(ScopedFd fd) : fd_(std::move(fd)) {}
