@@ -168,7 +168,8 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   // Ends this stream: records the first error (Control reports it) and marks the stream closed.
   auto end = [&](absl::Status s) {
     absl::MutexLock lock(&mu_);
-    if (!s.ok() && page_error_.empty()) page_error_ = std::string(s.message());
+    // Only a stream of the running migration can spoil it; a stray call is just refused.
+    if (!s.ok() && stream >= 0 && page_error_.empty()) page_error_ = std::string(s.message());
     if (stream >= 0 && static_cast<size_t>(stream) < stream_state_.size()) stream_state_[stream] = 2;
     --pages_in_progress_;
     return s;

@@ -156,10 +156,16 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MigrationSource::Session::Connect
   auto creds = o_->options_.credentials ? o_->options_.credentials
                                         : grpc::InsecureChannelCredentials();
   auto ch = grpc::CreateCustomChannel(o_->options_.destination, creds, args);
-  if (!ch->WaitForConnected(absl::ToChronoTime(absl::Now() + absl::Seconds(10))))
-    return absl::UnavailableError(
-        absl::StrCat("cannot connect to the destination ", o_->options_.destination,
-                     " (is `vmm --incoming` listening there?)"));
+  // Short waits so that a cancel is noticed while connecting.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (!ch->WaitForConnected(absl::ToChronoTime(
+      std::min(deadline, absl::Now() + absl::Milliseconds(100))))) {
+    if (Cancelled()) return absl::CancelledError("migration cancelled while connecting");
+    if (absl::Now() >= deadline)
+      return absl::UnavailableError(
+          absl::StrCat("cannot connect to the destination ", o_->options_.destination,
+                       " (is `vmm --incoming` listening there?)"));
+  }
   return ch;
 }
 
