@@ -33,23 +33,7 @@ constexpr int kExitIncomingFailed = 75;
 constexpr char kDstFailLine[] = "vmm: error: incoming migration failed";
 constexpr uint64_t kMiB = 1024 * 1024;
 
-int MaxGeneration(const std::string& log) {
-  int best = 0;
-  for (size_t p = log.find("memwalk gen="); p != std::string::npos;
-       p = log.find("memwalk gen=", p + 1))
-    best = std::max(best, atoi(log.c_str() + p + 12));
-  return best;
-}
 
-// Polls `log` until its highest memwalk generation reaches `gen`.
-bool WaitForGeneration(const std::string& log, int gen, absl::Duration timeout) {
-  absl::Time deadline = absl::Now() + timeout;
-  for (;;) {
-    if (MaxGeneration(ReadFileOrEmpty(log)) >= gen) return true;
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-}
 
 bool Terminal(MigrationPhase p) {
   return p == MIGRATION_COMPLETED || p == MIGRATION_FAILED || p == MIGRATION_CANCELLED;

@@ -30,22 +30,7 @@
 namespace microvmm::testing {
 namespace {
 
-int MaxGeneration(const std::string& log) {
-  int best = 0;
-  for (size_t p = log.find("memwalk gen="); p != std::string::npos;
-       p = log.find("memwalk gen=", p + 1))
-    best = std::max(best, atoi(log.c_str() + p + 12));
-  return best;
-}
 
-bool WaitForGeneration(const std::string& log, int gen, absl::Duration timeout) {
-  absl::Time deadline = absl::Now() + timeout;
-  for (;;) {
-    if (MaxGeneration(ReadFileOrEmpty(log)) >= gen) return true;
-    if (absl::Now() > deadline) return false;
-    absl::SleepFor(absl::Milliseconds(20));
-  }
-}
 
 std::string IpBinary() {
   for (const char* p : {"/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"})
@@ -127,20 +112,6 @@ class NetnsPair {
 };
 
 // A TCP port that is free on 127.0.0.1 right now.
-int FreeLoopbackPort() {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return -1;
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof(a);
-  int port = -1;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
-    port = ntohs(a.sin_port);
-  close(fd);
-  return port;
-}
 
 class MigrationTcpTest : public ::testing::Test {
  protected:

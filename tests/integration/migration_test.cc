@@ -18,13 +18,6 @@
 namespace microvmm::testing {
 namespace {
 
-int MaxGeneration(const std::string& log) {
-  int best = 0;
-  for (size_t p = log.find("memwalk gen="); p != std::string::npos;
-       p = log.find("memwalk gen=", p + 1))
-    best = std::max(best, atoi(log.c_str() + p + 12));
-  return best;
-}
 
 class MigrationTest : public ::testing::Test {
  protected:
@@ -58,17 +51,6 @@ class MigrationTest : public ::testing::Test {
         "ca.key -CAcreateserial -out vmm.pem -days 1 -extfile ext 2>/dev/null";
     EXPECT_EQ(system(cmd.c_str()), 0) << cmd;
     return {"--tls-cert", d + "/vmm.pem", "--tls-key", d + "/vmm.key", "--tls-ca", d + "/ca.pem"};
-  }
-  static int FreePort() {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-    socklen_t len = sizeof(a);
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    close(fd);
-    return ntohs(a.sin_port);
   }
   // Starts the migration and watches it to the end.
   MigrationProgress Migrate(const std::string& to, uint32_t streams = 2) {
@@ -130,7 +112,7 @@ TEST_F(MigrationTest, MemwalkMovesOverUnixSocketAndKeepsVerifying) {
 TEST_F(MigrationTest, MutualTlsOverTcp) {
   REQUIRE_KVM();
   std::vector<std::string> tls = MakeTls();
-  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  std::string addr = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
   StartDestination(addr, tls);
   StartSource(tls);
   MigrationProgress p = Migrate(addr);
@@ -146,7 +128,7 @@ TEST_F(MigrationTest, MutualTlsOverTcp) {
 TEST_F(MigrationTest, TlsDestinationRefusesSourceWithoutCertificate) {
   REQUIRE_KVM();
   std::vector<std::string> tls = MakeTls();
-  std::string addr = "127.0.0.1:" + std::to_string(FreePort());
+  std::string addr = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
   StartDestination(addr, tls);
   StartSource();  // no certificate: the handshake must fail, the VM must stay here
   MigrationProgress p = Migrate(addr);
@@ -166,7 +148,7 @@ TEST_F(MigrationTest, TlsDestinationRefusesSourceWithoutCertificate) {
 TEST_F(MigrationTest, TcpApiRequiresClientCertificate) {
   REQUIRE_KVM();
   std::vector<std::string> tls = MakeTls();
-  std::string api = "127.0.0.1:" + std::to_string(FreePort());
+  std::string api = "127.0.0.1:" + std::to_string(FreeLoopbackPort());
   std::vector<std::string> argv = {Runfile("vmm/vmm"), "--test-guest", "memwalk", "--memory", "64",
                                    "--test-guest-args", "mib=2", "--serial",
                                    "file:" + dir_.File("src.log"), "--api-socket", api};

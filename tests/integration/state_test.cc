@@ -23,13 +23,6 @@ VmConfig MemwalkConfig(const std::string& serial, VmConfig::DirtyTracking dt) {
   return c;
 }
 
-int MaxGeneration(const std::string& log) {
-  int best = 0;
-  for (size_t p = log.find("memwalk gen="); p != std::string::npos;
-       p = log.find("memwalk gen=", p + 1))
-    best = std::max(best, atoi(log.c_str() + p + 12));
-  return best;
-}
 
 class StateTest : public ::testing::TestWithParam<VmConfig::DirtyTracking> {};
 

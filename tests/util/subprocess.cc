@@ -1,12 +1,16 @@
 #include "tests/util/subprocess.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -104,6 +108,38 @@ int CountOccurrences(const std::string& h, const std::string& n) {
   int c = 0;
   for (size_t p = h.find(n); p != std::string::npos; p = h.find(n, p + n.size())) ++c;
   return c;
+}
+
+int FreeLoopbackPort() {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(a);
+  int port = -1;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 &&
+      getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) == 0)
+    port = ntohs(a.sin_port);
+  close(fd);
+  return port;
+}
+
+int MaxGeneration(const std::string& log) {
+  int best = 0;
+  for (size_t p = log.find("memwalk gen="); p != std::string::npos;
+       p = log.find("memwalk gen=", p + 1))
+    best = std::max(best, atoi(log.c_str() + p + 12));
+  return best;
+}
+
+bool WaitForGeneration(const std::string& path, int gen, absl::Duration timeout) {
+  absl::Time deadline = absl::Now() + timeout;
+  for (;;) {
+    if (MaxGeneration(ReadFileOrEmpty(path)) >= gen) return true;
+    if (absl::Now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
 }
 
 bool KvmAvailable() {

@@ -53,6 +53,14 @@ bool WaitForFileContains(const std::string& path, const std::string& needle,
                          absl::Duration timeout);
 int CountOccurrences(const std::string& haystack, const std::string& needle);
 
+// A TCP port on 127.0.0.1 that was free a moment ago (-1 on error).
+int FreeLoopbackPort();
+
+// The memwalk test guest prints "memwalk gen=N ok" per verified generation: the highest N in
+// `log` (0 if none), and a poll of the file at `path` until it reaches `gen`.
+int MaxGeneration(const std::string& log);
+bool WaitForGeneration(const std::string& path, int gen, absl::Duration timeout);
+
 // True if /dev/kvm can be opened read-write.
 bool KvmAvailable();
 
