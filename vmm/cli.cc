@@ -18,7 +18,7 @@ Guest:
   --kernel PATH          Linux bzImage (64-bit boot protocol) or PVH ELF vmlinux
   --initrd PATH          initramfs for the kernel
   --cmdline STRING       kernel command line (default: "console=ttyS0 reboot=k panic=1")
-  --test-guest NAME      built-in freestanding test guest (hello, smp, memwalk, fault) or a
+  --test-guest NAME      built-in freestanding test guest (hello, smp, memwalk, fault, idle) or a
                          path to a flat binary linked at 0x100000
   --test-guest-args STR  argument string for the test guest, e.g. "mib=8 gens=10"
 

@@ -57,6 +57,7 @@ absl::Status MigrationDestination::AcceptHeader(const MigrationHeader& h) {
                         absl::StrCat("cannot build the incoming VM: ", vm.status().message()));
   absl::MutexLock lock(&mu_);
   vm_ = std::move(*vm);
+  received_pages_ = std::make_unique<ReceivedPages>(vm_->memory());
   migration_id_ = h.migration_id();
   streams_ = h.page_streams();
   received_.assign(streams_, 0);
@@ -199,7 +200,8 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
       if (StreamForPage(rec.gpa(), streams) != static_cast<uint32_t>(stream))
         return ToGrpc(end(absl::InvalidArgumentError(absl::StrFormat(
             "page 0x%x arrived on stream %d, which does not carry it", rec.gpa(), stream))));
-      if (absl::Status s = DecodePageInto(rec, *mem); !s.ok()) return ToGrpc(end(s));
+      if (absl::Status s = DecodePageInto(rec, *mem, received_pages_.get()); !s.ok())
+        return ToGrpc(end(s));
       ++pages;
       bytes += rec.data().size();
     }

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "migration/stream/page_codec.h"
 #include "proto/migration.grpc.pb.h"
 #include "vmm/vm.h"
 
@@ -46,6 +47,7 @@ class MigrationDestination final : public Migration::Service {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // done_ was called
   std::string migration_id_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Vm> vm_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<ReceivedPages> received_pages_;  // set with vm_, then only used by page streams
   uint32_t streams_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<uint64_t> received_ ABSL_GUARDED_BY(mu_);
   std::vector<int> stream_state_ ABSL_GUARDED_BY(mu_);  // 0 unseen, 1 open, 2 closed

@@ -26,7 +26,34 @@ uint64_t EncodePage(uint64_t gpa, const uint8_t* page, PageRecord* rec) {
   return 12 + kPageSize;
 }
 
-absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem) {
+ReceivedPages::ReceivedPages(const GuestMemory& mem) {
+  for (const auto& r : mem.regions()) {
+    uint64_t words = (r.size / kPageSize + 63) / 64;
+    Region reg{r.gpa, r.size, std::unique_ptr<std::atomic<uint64_t>[]>(new std::atomic<uint64_t>[words])};
+    for (uint64_t i = 0; i < words; ++i) reg.bits[i].store(0, std::memory_order_relaxed);
+    regions_.push_back(std::move(reg));
+  }
+}
+
+bool ReceivedPages::Test(uint64_t gpa) const {
+  for (const auto& r : regions_)
+    if (gpa >= r.gpa && gpa - r.gpa < r.size) {
+      uint64_t pg = (gpa - r.gpa) / kPageSize;
+      return (r.bits[pg / 64].load(std::memory_order_relaxed) >> (pg % 64)) & 1;
+    }
+  return true;  // unknown: assume written (forces the store)
+}
+
+void ReceivedPages::Set(uint64_t gpa) {
+  for (auto& r : regions_)
+    if (gpa >= r.gpa && gpa - r.gpa < r.size) {
+      uint64_t pg = (gpa - r.gpa) / kPageSize;
+      r.bits[pg / 64].fetch_or(1ULL << (pg % 64), std::memory_order_relaxed);
+      return;
+    }
+}
+
+absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem, ReceivedPages* received) {
   if (rec.gpa() % kPageSize != 0)
     return absl::InvalidArgumentError(absl::StrFormat("page record gpa 0x%x is not page aligned", rec.gpa()));
   auto p = mem.HostPtr(rec.gpa(), kPageSize);
@@ -39,12 +66,13 @@ absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem) {
         return absl::InvalidArgumentError(absl::StrFormat(
             "raw page 0x%x has %d bytes, expected %d", rec.gpa(), rec.data().size(), kPageSize));
       std::memcpy(*p, rec.data().data(), kPageSize);
+      if (received != nullptr) received->Set(rec.gpa());
       return absl::OkStatus();
     case ZERO:
       if (!rec.data().empty())
         return absl::InvalidArgumentError(
             absl::StrFormat("zero page 0x%x carries %d bytes of data", rec.gpa(), rec.data().size()));
-      std::memset(*p, 0, kPageSize);
+      if (received == nullptr || received->Test(rec.gpa())) std::memset(*p, 0, kPageSize);
       return absl::OkStatus();
     default:
       return absl::InvalidArgumentError(
