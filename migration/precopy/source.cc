@@ -101,6 +101,9 @@ class MigrationSource::Session {
     p.set_bytes_sent(std::max<uint64_t>(p.bytes_sent(), bytes_sent_));
     p.set_pages_sent(std::max<uint64_t>(p.pages_sent(), pages_sent_));
     p.set_zero_pages(std::max<uint64_t>(p.zero_pages(), zero_pages_));
+    uint64_t done_in_pass = pages_sent_ - pass_start_pages_;
+    uint64_t total = pass_pages_;
+    if (total > 0) p.set_remaining_pages(total > done_in_pass ? total - done_in_pass : 0);
     p.set_elapsed_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
   }
   // Outcome after Run(): was the VM handed over (Ready received)?
@@ -142,6 +145,7 @@ class MigrationSource::Session {
   std::unique_ptr<grpc::ClientContext> control_ctx_;
   std::vector<std::unique_ptr<Stream>> streams_;
   std::atomic<uint64_t> bytes_sent_{0}, pages_sent_{0}, zero_pages_{0};
+  std::atomic<uint64_t> pass_pages_{0}, pass_start_pages_{0};  // the pass being sent
   bool committed_ = false;
   bool paused_by_us_ = false;
 };
@@ -229,6 +233,8 @@ absl::Status MigrationSource::Session::SendStream(Stream& s, uint32_t iteration)
 
 absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t iteration) {
   const uint32_t n = streams_.size();
+  pass_start_pages_ = pages_sent_.load();
+  pass_pages_ = dirty.Count();
   for (auto& s : streams_) s->todo.clear();
   dirty.ForEachSetPage(
       [&](uint64_t gpa) { streams_[StreamForPage(gpa, n)]->todo.push_back(gpa); });
@@ -238,6 +244,7 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
     workers.emplace_back([this, i, iteration] { streams_[i]->status = SendStream(*streams_[i], iteration); });
   streams_[0]->status = SendStream(*streams_[0], iteration);
   for (auto& w : workers) w.join();
+  pass_pages_ = 0;
   for (auto& s : streams_)
     if (!s->status.ok()) return s->status;
   return absl::OkStatus();
