@@ -1,5 +1,6 @@
 #include "migration/precopy/source.h"
 
+#include <algorithm>
 #include <random>
 #include <thread>
 #include <unistd.h>
@@ -146,6 +147,13 @@ class MigrationSource::Session {
   std::vector<std::unique_ptr<Stream>> streams_;
   std::atomic<uint64_t> bytes_sent_{0}, pages_sent_{0}, zero_pages_{0};
   std::atomic<uint64_t> pass_pages_{0}, pass_start_pages_{0};  // the pass being sent
+  // Per RAM region, the [start, end) offsets of its memfd that hold data at the start of this
+  // pass (SEEK_DATA/SEEK_HOLE). A page in a hole was never touched: it is sent as a ZERO tag
+  // without reading it (reading would allocate it). A write after the snapshot makes the page
+  // dirty, so it goes again in the next pass.
+  std::vector<std::vector<std::pair<uint64_t, uint64_t>>> extents_;
+  void SnapshotExtents();
+  bool InHole(uint64_t gpa) const;
   bool committed_ = false;
   bool paused_by_us_ = false;
 };
@@ -220,9 +228,18 @@ absl::Status MigrationSource::Session::SendStream(Stream& s, uint32_t iteration)
     return absl::OkStatus();
   };
   for (uint64_t gpa : s.todo) {
+    PageRecord* rec = batch.add_pages();
+    if (InHole(gpa)) {
+      rec->set_gpa(gpa);
+      rec->set_codec(ZERO);
+      batch_bytes += 12;
+      ++zero_pages_;
+      if (batch.pages_size() >= kPagesPerBatch)
+        if (absl::Status st = flush(); !st.ok()) return st;
+      continue;
+    }
     auto host = mem_.HostPtr(gpa, kPageSize);
     if (!host.ok()) return host.status();
-    PageRecord* rec = batch.add_pages();
     batch_bytes += EncodePage(gpa, *host, rec);
     if (rec->codec() == ZERO) ++zero_pages_;
     if (batch.pages_size() >= kPagesPerBatch)
@@ -231,10 +248,44 @@ absl::Status MigrationSource::Session::SendStream(Stream& s, uint32_t iteration)
   return flush();
 }
 
+void MigrationSource::Session::SnapshotExtents() {
+  extents_.assign(mem_.regions().size(), {});
+  for (size_t i = 0; i < mem_.regions().size(); ++i) {
+    const auto& r = mem_.regions()[i];
+    off_t pos = 0;
+    for (;;) {
+      off_t data = lseek(r.memfd.get(), pos, SEEK_DATA);
+      if (data < 0 || static_cast<uint64_t>(data) >= r.size) break;  // ENXIO: no more data
+      off_t hole = lseek(r.memfd.get(), data, SEEK_HOLE);
+      if (hole < 0) hole = r.size;
+      extents_[i].push_back({static_cast<uint64_t>(data), static_cast<uint64_t>(hole)});
+      pos = hole;
+      if (static_cast<uint64_t>(pos) >= r.size) break;
+    }
+    if (extents_[i].empty() && lseek(r.memfd.get(), 0, SEEK_DATA) < 0 && errno != ENXIO)
+      extents_[i].push_back({0, r.size});  // SEEK_DATA unsupported: treat all as data
+  }
+}
+
+bool MigrationSource::Session::InHole(uint64_t gpa) const {
+  for (size_t i = 0; i < mem_.regions().size() && i < extents_.size(); ++i) {
+    const auto& r = mem_.regions()[i];
+    if (gpa < r.gpa || gpa - r.gpa >= r.size) continue;
+    uint64_t off = gpa - r.gpa;
+    const auto& ex = extents_[i];
+    auto it = std::upper_bound(ex.begin(), ex.end(), std::make_pair(off, UINT64_MAX));
+    if (it == ex.begin()) return true;
+    --it;
+    return off >= it->second;
+  }
+  return false;
+}
+
 absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t iteration) {
   const uint32_t n = streams_.size();
   pass_start_pages_ = pages_sent_.load();
   pass_pages_ = dirty.Count();
+  SnapshotExtents();
   for (auto& s : streams_) s->todo.clear();
   dirty.ForEachSetPage(
       [&](uint64_t gpa) { streams_[StreamForPage(gpa, n)]->todo.push_back(gpa); });
