@@ -17,6 +17,9 @@
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
 #include "migration/dirty/dirty_tracker.h"
+#include "vmm/pci/bar_allocator.h"
+#include "vmm/pci/gsi_router.h"
+#include "vmm/pci/pci_root.h"
 #include "tests/guest/embedded.h"
 #include "vmm/base/log.h"
 #include "vmm/boot/layout.h"
@@ -188,6 +191,10 @@ class VmImpl : public Vm {
   Bus pio_;
   Bus mmio_;
   std::shared_ptr<Serial> serial_;
+  // Owns KVM_SET_GSI_ROUTING (IOAPIC/PIC defaults + MSI routes). Declared after vm_ and before
+  // the devices so devices (their MSI-X tables, ioeventfds) go first on destruction.
+  std::unique_ptr<pci::GsiRouter> gsi_router_;
+  std::unique_ptr<pci::PciRootBus> pci_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   // Boot entry.
@@ -227,6 +234,9 @@ absl::Status VmImpl::Build() {
     }
   }
   xsave2_size_ = std::max(0, vm_->CheckExtension(KVM_CAP_XSAVE2));
+  auto router = pci::GsiRouter::Create(*vm_);
+  if (!router.ok()) return router.status();
+  gsi_router_ = std::move(*router);
 
   auto mem = GuestMemory::Create(config_.memory_mib() << 20);
   if (!mem.ok()) return mem.status();
@@ -318,6 +328,15 @@ absl::Status VmImpl::SetupDevices() {
       },
       std::move(out));
   if (absl::Status s = pio_.Insert(serial_, kSerialPort, 8); !s.ok()) return s;
+  // PCI root bus: conf1 at 0xCF8 (and reset control 0xCF9), ECAM, BAR windows in the 32-bit gap
+  // and above RAM; a host bridge at 00:00.0. Devices are added before Attach().
+  auto cpuid = kvm_->GetSupportedCpuid();
+  if (!cpuid.ok()) return cpuid.status();
+  auto windows = pci::PciWindows::Default(mem_->ram_bytes(), pci::PhysAddressBits(*cpuid));
+  if (!windows.ok()) return windows.status();
+  pci_ = std::make_unique<pci::PciRootBus>(*windows);
+  pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
+  if (absl::Status s = pci_->Attach(pio_, mmio_); !s.ok()) return s;
   i8042_ = std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); });
   if (absl::Status s = pio_.Insert(i8042_, 0x60, 5); !s.ok()) return s;
   if (absl::Status s = pio_.Insert(std::make_shared<PortCallback>([this](uint32_t v) {
