@@ -74,6 +74,15 @@ TEST_F(BootTest, MemwalkNeedsEnoughRam) {
   EXPECT_EQ(*r.status, 4) << r.serial;
 }
 
+TEST_F(BootTest, PciConf1ShowsTheHostBridge) {
+  REQUIRE_KVM();
+  Result r = RunVmm({"--test-guest", "pciscan"});
+  ASSERT_TRUE(r.status.has_value());
+  EXPECT_EQ(*r.status, 0) << r.serial << r.stderr_text;
+  EXPECT_NE(r.serial.find("pci 00:0.0 8086:d57 class 60000\n"), std::string::npos) << r.serial;
+  EXPECT_NE(r.serial.find("pciscan done 1\n"), std::string::npos) << r.serial;
+}
+
 TEST_F(BootTest, TestExitStatusPassesThrough) {
   REQUIRE_KVM();
   Result r = RunVmm({"--test-guest", "fault", "--test-guest-args", "mode=exit status=7"});

@@ -74,6 +74,7 @@ expect fault 2 "mode=triple" 201 "TRIPLE"
 expect fault 2 "mode=exit status=17" 17
 expect fault 1 "mode=exit" 0
 expect fault 1 "" 5 "fault: unknown mode.*"
+expect pciscan 1 "" 2 "pciscan done 0"
 expect fault 1 "mode=panicky" 5
 
 echo "$pass passed, $fail failed"

@@ -64,10 +64,16 @@ static inline uint8_t inb(uint16_t port) {
   __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port) : "memory");
   return v;
 }
+static inline uint32_t inl(uint16_t port) {
+  uint32_t v;
+  __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory");
+  return v;
+}
 #else
 void outb(uint16_t port, uint8_t v);
 void outl(uint16_t port, uint32_t v);
 uint8_t inb(uint16_t port);
+uint32_t inl(uint16_t port);
 #endif
 
 /* ---- Test exit / panic ---- */
