@@ -26,6 +26,7 @@ Machine:
   --vcpus N              number of vCPUs (default 1, max 254; test guests max 64)
   --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
   --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
+  --rng                  add a virtio-rng device (PCI, MSI-X; entropy from getrandom)
   --prefill PATTERN      benchmarking aid: fill guest RAM above 16 MiB before boot with
                          random | half (every other page random) | zero
   --dirty-tracking MODE  how live migration finds written pages: auto (default: KVM dirty ring
@@ -100,6 +101,10 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     bool inline_value = false;
     if (flag == "-h" || flag == "--help") {
       o.help = true;
+      continue;
+    }
+    if (flag == "--rng") {
+      o.config.set_rng(true);
       continue;
     }
     if (!absl::StartsWith(flag, "--"))

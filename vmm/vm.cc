@@ -16,7 +16,10 @@
 #include "absl/strings/str_join.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
+#include "devices/virtio/pci_transport.h"
+#include "devices/virtio/rng.h"
 #include "migration/dirty/dirty_tracker.h"
+#include "vmm/pci/msix.h"
 #include "vmm/pci/bar_allocator.h"
 #include "vmm/pci/gsi_router.h"
 #include "vmm/pci/pci_root.h"
@@ -188,13 +191,17 @@ class VmImpl : public Vm {
   std::optional<Kvm> kvm_;
   std::optional<KvmVm> vm_;
   std::unique_ptr<GuestMemory> mem_;
-  Bus pio_;
-  Bus mmio_;
   std::shared_ptr<Serial> serial_;
   // Owns KVM_SET_GSI_ROUTING (IOAPIC/PIC defaults + MSI routes). Declared after vm_ and before
   // the devices so devices (their MSI-X tables, ioeventfds) go first on destruction.
   std::unique_ptr<pci::GsiRouter> gsi_router_;
+  std::unique_ptr<virtio::VirtioRng> rng_;      // declared first: outlives its transport in pci_
   std::unique_ptr<pci::PciRootBus> pci_;
+  // The buses hold shared_ptrs to devices (and PCI window dispatchers): declared after everything
+  // those devices use (router, guest memory, KVM fds), so they are destroyed first.
+  Bus pio_;
+  Bus mmio_;
+  virtio::VirtioPciDevice* rng_pci_ = nullptr;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   // Boot entry.
@@ -336,6 +343,16 @@ absl::Status VmImpl::SetupDevices() {
   if (!windows.ok()) return windows.status();
   pci_ = std::make_unique<pci::PciRootBus>(*windows);
   pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
+  if (config_.rng()) {
+    rng_ = std::make_unique<virtio::VirtioRng>();
+    auto msix = pci::MsixTable::Create(*gsi_router_, 2);  // config + one queue
+    if (!msix.ok()) return msix.status();
+    auto dev = virtio::VirtioPciDevice::Create(mem_.get(), rng_.get(), std::move(*msix));
+    if (!dev.ok()) return dev.status();
+    rng_pci_ = dev->get();
+    auto slot = pci_->AddDevice(std::shared_ptr<pci::PciDevice>(std::move(*dev)));
+    if (!slot.ok()) return slot.status();
+  }
   if (absl::Status s = pci_->Attach(pio_, mmio_); !s.ok()) return s;
   i8042_ = std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); });
   if (absl::Status s = pio_.Insert(i8042_, 0x60, 5); !s.ok()) return s;
@@ -575,6 +592,7 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
   st.set_clock(ToBytes(*clock));
   *st.mutable_serial() = serial_->SaveState();
   *st.mutable_i8042() = i8042_->SaveState();
+  if (rng_pci_ != nullptr) *st.mutable_virtio_rng() = rng_pci_->SaveState();
   return st;
 }
 
@@ -631,6 +649,11 @@ absl::Status VmImpl::RestoreState(const VmState& st) {
   if (absl::Status s = vm_->SetClock(*clock); !s.ok()) return s;
   serial_->RestoreState(st.serial());
   i8042_->RestoreState(st.i8042());
+  if ((rng_pci_ != nullptr) != st.has_virtio_rng())
+    return absl::InvalidArgumentError("saved state and this VM disagree on the virtio-rng device");
+  if (rng_pci_ != nullptr)
+    if (absl::Status s = rng_pci_->RestoreState(st.virtio_rng()); !s.ok()) return s;
+  if (absl::Status s = pci_->RemapAll(); !s.ok()) return s;
   return absl::OkStatus();
 }
 

@@ -16,9 +16,9 @@ namespace tg = microvmm::testguest;
 
 int main() {
   const auto names = tg::Names();
-  CHECK(names.size() == 6);
+  CHECK(names.size() == 7);
   CHECK(names[0] == "fault" && names[1] == "hello" && names[2] == "idle" && names[3] == "memwalk" &&
-        names[4] == "pciscan" && names[5] == "smp");
+        names[4] == "pciscan" && names[5] == "smp" && names[6] == "virtiorng");
   for (const auto& n : names) {
     const tg::Image* img = tg::Find(n);
     CHECK(img != nullptr);

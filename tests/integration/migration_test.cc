@@ -109,6 +109,17 @@ TEST_F(MigrationTest, MemwalkMovesOverUnixSocketAndKeepsVerifying) {
   EXPECT_EQ(*dst_status, 0);
 }
 
+TEST_F(MigrationTest, VmWithVirtioRngMigrates) {
+  REQUIRE_KVM();
+  StartDestination(dir_.File("dst.sock"));
+  StartSource({"--rng"});  // device + queue state travel in VmState
+  MigrationProgress p = Migrate(dir_.File("dst.sock"));
+  ASSERT_EQ(p.phase(), MIGRATION_COMPLETED) << p.error() << Errs();
+  int gen_src = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
+  EXPECT_TRUE(WaitForGeneration(dir_.File("dst.log"), gen_src + 2, absl::Seconds(30))) << Errs();
+  EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")).find("FAIL"), std::string::npos);
+}
+
 TEST_F(MigrationTest, MutualTlsOverTcp) {
   REQUIRE_KVM();
   std::vector<std::string> tls = MakeTls();
