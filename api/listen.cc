@@ -69,6 +69,11 @@ std::string ExplainUnixBindFailure(const std::string& path) {
 
 }  // namespace
 
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
     absl::string_view address, grpc::Service* service, absl::string_view what, int* selected_port,
     std::shared_ptr<grpc::ServerCredentials> credentials) {

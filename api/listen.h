@@ -10,6 +10,9 @@
 
 namespace microvmm {
 
+// absl::Status -> grpc::Status (same numeric codes and message).
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
 // Serves `service` (which must outlive the server) with server reflection. For a unix socket
 // file, a stale socket left by a dead process is replaced; a path that is not a socket, or a
 // socket another process still accepts on, is refused (FAILED_PRECONDITION); bind failures are

@@ -32,11 +32,6 @@ VmRunState ToRunState(RunState state) {
   return VM_RUN_STATE_UNSPECIFIED;
 }
 
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
-
 namespace {
 
 grpc::Status FailedPrecondition(std::string message) {

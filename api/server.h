@@ -14,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "proto/vmm.grpc.pb.h"
+#include "api/listen.h"
 #include "api/tls.h"
 #include "migration/precopy/incoming.h"
 #include "migration/precopy/source.h"
@@ -88,7 +89,6 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
 
   // The state name for messages: NOT_CREATED, CREATED, RUNNING, PAUSED, EXITED.
   std::string StateNameLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void FireExit(int status);
   // Calls the exit callback unless it already ran.
   void FireExitOnce(int status);
   // After a completed outgoing migration the VMM exits (the VM runs elsewhere now).
@@ -108,9 +108,6 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
 
 // Maps the Vm's state to the API's.
 VmRunState ToRunState(RunState state);
-
-// absl::Status -> grpc::Status (same numeric codes).
-grpc::Status ToGrpcStatus(const absl::Status& status);
 
 // Starts a gRPC server (with server reflection, so grpcurl-style tools can use it) serving
 // `service`, which must outlive the returned server. `address` is as in ParseApiAddress:

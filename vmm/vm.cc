@@ -187,6 +187,7 @@ class VmImpl : public Vm {
   std::unique_ptr<migration::DirtyTracker> tracker_;
   std::vector<uint32_t> msr_indices_;  // MSRs saved with each vCPU
   int xsave2_size_ = 0;
+  CpuidTable supported_cpuid_;  // KVM_GET_SUPPORTED_CPUID, read once per VM
   std::shared_ptr<I8042> i8042_;
   std::optional<Kvm> kvm_;
   std::optional<KvmVm> vm_;
@@ -241,6 +242,9 @@ absl::Status VmImpl::Build() {
     }
   }
   xsave2_size_ = std::max(0, vm_->CheckExtension(KVM_CAP_XSAVE2));
+  auto cpuid = kvm_->GetSupportedCpuid();
+  if (!cpuid.ok()) return cpuid.status();
+  supported_cpuid_ = std::move(*cpuid);
   auto router = pci::GsiRouter::Create(*vm_);
   if (!router.ok()) return router.status();
   gsi_router_ = std::move(*router);
@@ -337,9 +341,8 @@ absl::Status VmImpl::SetupDevices() {
   if (absl::Status s = pio_.Insert(serial_, kSerialPort, 8); !s.ok()) return s;
   // PCI root bus: conf1 at 0xCF8 (and reset control 0xCF9), ECAM, BAR windows in the 32-bit gap
   // and above RAM; a host bridge at 00:00.0. Devices are added before Attach().
-  auto cpuid = kvm_->GetSupportedCpuid();
-  if (!cpuid.ok()) return cpuid.status();
-  auto windows = pci::PciWindows::Default(mem_->ram_bytes(), pci::PhysAddressBits(*cpuid));
+  auto windows =
+      pci::PciWindows::Default(mem_->ram_bytes(), pci::PhysAddressBits(supported_cpuid_));
   if (!windows.ok()) return windows.status();
   pci_ = std::make_unique<pci::PciRootBus>(*windows);
   pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
@@ -420,8 +423,6 @@ absl::Status VmImpl::LoadGuest() {
 }
 
 absl::Status VmImpl::SetupVcpus() {
-  auto supported = kvm_->GetSupportedCpuid();
-  if (!supported.ok()) return supported.status();
   for (uint32_t i = 0; i < config_.vcpus(); ++i) {
     auto kv = KvmVcpu::Create(*kvm_, *vm_, i);
     if (!kv.ok()) return kv.status();
@@ -430,7 +431,7 @@ absl::Status VmImpl::SetupVcpus() {
         [this](const VcpuStop& s) { RequestExit(s.status, s.reason); },
         [this](int id) { return tracker_->HandleRingFull(id); });
     KvmVcpu& k = vcpu->kvm();
-    if (absl::Status s = k.SetCpuid(BuildVcpuCpuid(*supported, i, config_.vcpus())); !s.ok())
+    if (absl::Status s = k.SetCpuid(BuildVcpuCpuid(supported_cpuid_, i, config_.vcpus())); !s.ok())
       return s;
     if (absl::Status s = k.SetMsrs(BootMsrs()); !s.ok()) return s;
     if (absl::Status s = k.SetFpu(BootFpu()); !s.ok()) return s;

@@ -3,16 +3,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "api/listen.h"
 #include "migration/stream/page_codec.h"
 #include "vmm/base/log.h"
 #include "vmm/memory/guest_memory.h"
 
 namespace microvmm::migration {
-namespace {
-grpc::Status ToGrpc(const absl::Status& s) {
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
-}
-}  // namespace
 
 MigrationDestination::MigrationDestination(SerialConfig local_serial, DoneFn done)
     : local_serial_(std::move(local_serial)), done_(std::move(done)) {}
@@ -84,7 +80,7 @@ grpc::Status MigrationDestination::Control(
       migration_id_.clear();
     }
     Finish(s);
-    return ToGrpc(s);
+    return ToGrpcStatus(s);
   }
   return grpc::Status::OK;
 }
@@ -195,13 +191,13 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   };
   PageBatch batch;
   while (reader->Read(&batch)) {
-    if (absl::Status s = check(batch); !s.ok()) return ToGrpc(end(s));
+    if (absl::Status s = check(batch); !s.ok()) return ToGrpcStatus(end(s));
     for (const PageRecord& rec : batch.pages()) {
       if (StreamForPage(rec.gpa(), streams) != static_cast<uint32_t>(stream))
-        return ToGrpc(end(absl::InvalidArgumentError(absl::StrFormat(
+        return ToGrpcStatus(end(absl::InvalidArgumentError(absl::StrFormat(
             "page 0x%x arrived on stream %d, which does not carry it", rec.gpa(), stream))));
       if (absl::Status s = DecodePageInto(rec, *mem, received_pages_.get()); !s.ok())
-        return ToGrpc(end(s));
+        return ToGrpcStatus(end(s));
       ++pages;
       bytes += rec.data().size();
     }

@@ -127,7 +127,7 @@ class MigrationSource::Session {
   absl::Status OpenStreams();
   // Sends every page in `dirty` (and clears it), spread over the streams in parallel.
   absl::Status SendPages(DirtySet& dirty, uint32_t iteration);
-  absl::Status SendStream(Stream& s, uint32_t iteration);
+  absl::Status SendStream(uint32_t index, uint32_t iteration);
   absl::Status CloseStreams();
   void Progress(const std::function<void(MigrationProgress&)>& fn) {
     absl::MutexLock lock(&o_->mu_);
@@ -204,11 +204,11 @@ absl::Status MigrationSource::Session::OpenStreams() {
   return absl::OkStatus();
 }
 
-absl::Status MigrationSource::Session::SendStream(Stream& s, uint32_t iteration) {
+absl::Status MigrationSource::Session::SendStream(uint32_t index, uint32_t iteration) {
+  Stream& s = *streams_[index];
   PageBatch batch;
   batch.set_migration_id(o_->id_);
-  for (uint32_t i = 0; i < streams_.size(); ++i)
-    if (streams_[i].get() == &s) batch.set_stream(i);
+  batch.set_stream(index);
   batch.set_iteration(iteration);
   uint64_t batch_bytes = 0;
   auto flush = [&]() -> absl::Status {
@@ -230,17 +230,12 @@ absl::Status MigrationSource::Session::SendStream(Stream& s, uint32_t iteration)
   for (uint64_t gpa : s.todo) {
     PageRecord* rec = batch.add_pages();
     if (InHole(gpa)) {
-      rec->set_gpa(gpa);
-      rec->set_codec(ZERO);
-      batch_bytes += 12;
-      ++zero_pages_;
-      if (batch.pages_size() >= kPagesPerBatch)
-        if (absl::Status st = flush(); !st.ok()) return st;
-      continue;
+      batch_bytes += EncodeZeroPage(gpa, rec);
+    } else {
+      auto host = mem_.HostPtr(gpa, kPageSize);
+      if (!host.ok()) return host.status();
+      batch_bytes += EncodePage(gpa, *host, rec);
     }
-    auto host = mem_.HostPtr(gpa, kPageSize);
-    if (!host.ok()) return host.status();
-    batch_bytes += EncodePage(gpa, *host, rec);
     if (rec->codec() == ZERO) ++zero_pages_;
     if (batch.pages_size() >= kPagesPerBatch)
       if (absl::Status st = flush(); !st.ok()) return st;
@@ -292,8 +287,8 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
   dirty.ClearAll();
   std::vector<std::thread> workers;
   for (size_t i = 1; i < streams_.size(); ++i)
-    workers.emplace_back([this, i, iteration] { streams_[i]->status = SendStream(*streams_[i], iteration); });
-  streams_[0]->status = SendStream(*streams_[0], iteration);
+    workers.emplace_back([this, i, iteration] { streams_[i]->status = SendStream(i, iteration); });
+  streams_[0]->status = SendStream(0, iteration);
   for (auto& w : workers) w.join();
   pass_pages_ = 0;
   for (auto& s : streams_)

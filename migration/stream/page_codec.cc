@@ -15,12 +15,15 @@ bool IsZeroPage(const uint8_t* page) {
   return true;
 }
 
-uint64_t EncodePage(uint64_t gpa, const uint8_t* page, PageRecord* rec) {
+uint64_t EncodeZeroPage(uint64_t gpa, PageRecord* rec) {
   rec->set_gpa(gpa);
-  if (IsZeroPage(page)) {
-    rec->set_codec(ZERO);
-    return 12;
-  }
+  rec->set_codec(ZERO);
+  return 12;
+}
+
+uint64_t EncodePage(uint64_t gpa, const uint8_t* page, PageRecord* rec) {
+  if (IsZeroPage(page)) return EncodeZeroPage(gpa, rec);
+  rec->set_gpa(gpa);
   rec->set_codec(RAW);
   rec->set_data(page, kPageSize);
   return 12 + kPageSize;

@@ -16,6 +16,9 @@ namespace microvmm::migration {
 
 bool IsZeroPage(const uint8_t* page);
 
+// Fills `rec` with a ZERO tag for `gpa`. Returns wire bytes.
+uint64_t EncodeZeroPage(uint64_t gpa, PageRecord* rec);
+
 // Fills `rec` for the page at `gpa` whose bytes are `page` (kPageSize). Returns wire bytes.
 uint64_t EncodePage(uint64_t gpa, const uint8_t* page, PageRecord* rec);
 
