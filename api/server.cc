@@ -166,10 +166,15 @@ grpc::Status ApiServer::ReceiveMigration(grpc::ServerContext*,
   if (shutdown_requested_) return FailedPrecondition("the VMM is shutting down");
   if (vm_ != nullptr) return FailedPrecondition("cannot receive a migration: a VM already exists");
   if (incoming_ != nullptr) return FailedPrecondition("already listening for a migration");
-  SerialConfig serial = request->serial();
-  if (serial.mode() == SerialConfig::MODE_UNSPECIFIED) serial.set_mode(SerialConfig::STDOUT);
+  VmConfig local;
+  *local.mutable_serial() = request->serial();
+  if (local.serial().mode() == SerialConfig::MODE_UNSPECIFIED)
+    local.mutable_serial()->set_mode(SerialConfig::STDOUT);
+  *local.mutable_disks() = request->disks();
+  *local.mutable_nets() = request->nets();
+  if (request->has_vsock()) *local.mutable_vsock() = request->vsock();
   auto in = migration::IncomingMigration::Listen(
-      request->listen_address(), serial, [this](absl::StatusOr<std::unique_ptr<Vm>> vm) {
+      request->listen_address(), local, [this](absl::StatusOr<std::unique_ptr<Vm>> vm) {
         if (vm.ok()) {
           (void)AdoptVm(std::move(*vm));
         } else {
@@ -317,6 +322,32 @@ grpc::Status ApiServer::GetInfo(grpc::ServerContext*, const GetInfoRequest*, VmI
     }
   }
   *info->mutable_config() = config;
+  for (DeviceStatus& d : vm_->DeviceStatuses()) *info->add_devices() = std::move(d);
+  return grpc::Status::OK;
+}
+
+namespace {
+grpc::Status NoVm(bool shutting_down, const char* verb) {
+  return FailedPrecondition(absl::StrCat(
+      "cannot ", verb, shutting_down ? ": the VMM is shutting down"
+                                     : ": the VM state is NOT_CREATED (call CreateVm first)"));
+}
+}  // namespace
+
+grpc::Status ApiServer::SetBalloon(grpc::ServerContext*, const SetBalloonRequest* request,
+                                   SetBalloonResponse*) {
+  absl::MutexLock lock(&mu_);
+  if (vm_ == nullptr) return NoVm(shutdown_requested_, "set the balloon");
+  return ToGrpcStatus(vm_->SetBalloonTarget(request->target_mib()));
+}
+
+grpc::Status ApiServer::GetBalloonStats(grpc::ServerContext*, const GetBalloonStatsRequest*,
+                                        BalloonStatus* response) {
+  absl::MutexLock lock(&mu_);
+  if (vm_ == nullptr) return NoVm(shutdown_requested_, "read the balloon");
+  absl::StatusOr<BalloonStatus> b = vm_->GetBalloonStatus();
+  if (!b.ok()) return ToGrpcStatus(b.status());
+  *response = std::move(*b);
   return grpc::Status::OK;
 }
 

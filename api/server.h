@@ -60,6 +60,11 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
                                      ShutdownResponse* response) override;
   grpc::Status GetInfo(grpc::ServerContext* context, const GetInfoRequest* request,
                        VmInfo* response) override;
+  grpc::Status SetBalloon(grpc::ServerContext* context, const SetBalloonRequest* request,
+                          SetBalloonResponse* response) override;
+  grpc::Status GetBalloonStats(grpc::ServerContext* context,
+                               const GetBalloonStatsRequest* request,
+                               BalloonStatus* response) override;
   grpc::Status StartMigration(grpc::ServerContext* context, const StartMigrationRequest* request,
                               StartMigrationResponse* response) override;
   grpc::Status CancelMigration(grpc::ServerContext* context, const CancelMigrationRequest* request,

@@ -8,6 +8,7 @@
 #include <climits>
 #include <cmath>
 #include <ostream>
+#include <map>
 #include <set>
 #include <utility>
 
@@ -25,6 +26,7 @@
 #include "api/tls.h"
 #include "google/protobuf/util/json_util.h"
 #include "proto/vmm.grpc.pb.h"
+#include "vmm/device_spec.h"
 
 namespace microvmm::vmmctl {
 
@@ -44,6 +46,8 @@ constexpr struct {
     {Command::kMigrateCancel, "migrate-cancel"},
     {Command::kMigrateStatus, "migrate-status"},
     {Command::kReceive, "receive"},
+    {Command::kBalloon, "balloon"},
+    {Command::kBalloonStats, "balloon-stats"},
 };
 
 // "create, boot, ..., receive" for error messages.
@@ -80,7 +84,9 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
     case Command::kCreate:
       return {{"--kernel", true},     {"--initrd", true},         {"--cmdline", true},
               {"--vcpus", true},      {"--memory", true},         {"--serial", true},
-              {"--test-guest", true}, {"--test-guest-args", true}};
+              {"--test-guest", true}, {"--test-guest-args", true}, {"--rng", false},
+              {"--disk", true},       {"--net", true},            {"--balloon", true},
+              {"--vsock", true}};
     case Command::kInfo:
     case Command::kMigrateStatus:
       return {{"--json", false}};
@@ -89,7 +95,12 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
               {"--streams", true}, {"--max-iterations", true}, {"--no-wait", false},
               {"--json", false}};
     case Command::kReceive:
-      return {{"--listen", true}, {"--serial", true}};
+      return {{"--listen", true}, {"--serial", true}, {"--disk", true}, {"--net", true},
+              {"--vsock", true}};
+    case Command::kBalloon:
+      return {{"--target", true}};
+    case Command::kBalloonStats:
+      return {{"--json", false}};
     default:
       return {};
   }
@@ -295,7 +306,8 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
                                      CommandName(*options.command), "'",
                                      HelpHint(options.command)));
     }
-    if (!seen.insert(name).second) return UsageError(absl::StrCat("flag ", name, " given twice"));
+    if (!seen.insert(name).second && name != "--disk" && name != "--net")
+      return UsageError(absl::StrCat("flag ", name, " given twice"));
 
     if (!takes_value) {
       if (value.has_value()) return UsageError(absl::StrCat("flag ", name, " takes no value"));
@@ -395,6 +407,40 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       absl::StatusOr<uint64_t> bandwidth = ParseBandwidth(*value);
       if (!bandwidth.ok()) return bandwidth.status();
       options.migration.set_bandwidth_limit_bytes_per_s(*bandwidth);
+    } else if (name == "--target") {
+      absl::StatusOr<uint64_t> mib = ParseSizeMib(*value, "--target");
+      if (!mib.ok()) return UsageError(std::string(mib.status().message()));
+      options.balloon_target_mib = *mib;
+    } else if (name == "--rng") {
+      options.config.set_rng(true);
+    } else if (name == "--disk") {
+      absl::StatusOr<DiskConfig> d = ParseDiskSpec(*value);
+      if (!d.ok()) return UsageError(std::string(d.status().message()));
+      if (*options.command == Command::kReceive) {
+        *options.receive.add_disks() = *d;
+      } else {
+        *options.config.add_disks() = *d;
+      }
+    } else if (name == "--net") {
+      absl::StatusOr<NetConfig> n = ParseNetSpec(*value);
+      if (!n.ok()) return UsageError(std::string(n.status().message()));
+      if (*options.command == Command::kReceive) {
+        *options.receive.add_nets() = *n;
+      } else {
+        *options.config.add_nets() = *n;
+      }
+    } else if (name == "--balloon") {
+      absl::StatusOr<BalloonConfig> b = ParseBalloonSpec(*value);
+      if (!b.ok()) return UsageError(std::string(b.status().message()));
+      *options.config.mutable_balloon() = *b;
+    } else if (name == "--vsock") {
+      absl::StatusOr<VsockConfig> v = ParseVsockSpec(*value);
+      if (!v.ok()) return UsageError(std::string(v.status().message()));
+      if (*options.command == Command::kReceive) {
+        *options.receive.mutable_vsock() = *v;
+      } else {
+        *options.config.mutable_vsock() = *v;
+      }
     } else if (name == "--no-wait") {
       options.no_wait = true;
     }
@@ -411,6 +457,9 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
   if (*options.command == Command::kCreate) {
     if (!vcpus_set) options.config.set_vcpus(kDefaultVcpus);
     if (!memory_set) options.config.set_memory_mib(kDefaultMemoryMib);
+  }
+  if (*options.command == Command::kBalloon && !options.balloon_target_mib.has_value()) {
+    return UsageError(absl::StrCat("missing --target SIZE", HelpHint(options.command)));
   }
   if (*options.command == Command::kMigrate && options.migration.destination().empty()) {
     return UsageError(absl::StrCat("missing --to ADDR (the destination VMM's --incoming address)",
@@ -478,6 +527,9 @@ ReceiveMigrationRequest BuildReceiveMigrationRequest(const ReceiveMigrationReque
                                                      absl::string_view cwd) {
   ReceiveMigrationRequest request = flags;
   request.set_listen_address(AbsoluteAddress(flags.listen_address(), cwd));
+  for (DiskConfig& d : *request.mutable_disks()) d.set_path(Absolute(d.path(), cwd));
+  if (request.has_vsock())
+    request.mutable_vsock()->set_uds_path(Absolute(request.vsock().uds_path(), cwd));
   if (request.has_serial() && request.serial().mode() == SerialConfig::FILE) {
     request.mutable_serial()->set_path(Absolute(request.serial().path(), cwd));
   }
@@ -496,6 +548,8 @@ CreateVmRequest BuildCreateVmRequest(const VmConfig& config, absl::string_view c
   if (c->has_serial() && c->serial().mode() == SerialConfig::FILE) {
     c->mutable_serial()->set_path(Absolute(c->serial().path(), cwd));
   }
+  for (DiskConfig& d : *c->mutable_disks()) d.set_path(Absolute(d.path(), cwd));
+  if (c->has_vsock()) c->mutable_vsock()->set_uds_path(Absolute(c->vsock().uds_path(), cwd));
   return request;
 }
 
@@ -527,6 +581,8 @@ std::string GeneralHelp() {
       "  migrate-cancel  stop the running migration (the VM stays here)\n"
       "  migrate-status  show the progress or outcome of the last migration\n"
       "  receive         make a VMM without a VM wait for an incoming migration\n"
+      "  balloon         set the virtio-balloon target (memory taken from the guest)\n"
+      "  balloon-stats   show the balloon and the guest's memory statistics\n"
       "\n",
       CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo), "\n",
       CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigrateCancel), "\n",
@@ -556,7 +612,9 @@ std::string CommandHelp(Command command) {
           "                          default), file:PATH (append to PATH) or none\n"
           "  --test-guest NAME|PATH  built-in test guest (hello, smp, memwalk, fault) or a path\n"
           "                          to a flat binary linked at 0x100000\n"
-          "  --test-guest-args STR   argument string passed to the test guest\n");
+          "  --test-guest-args STR   argument string passed to the test guest\n"
+          "\n",
+          DeviceFlagsHelp());
     case Command::kBoot:
       return "vmmctl --socket PATH boot: start the vCPUs of a created VM (Boot). No flags.\n";
     case Command::kPause:
@@ -607,6 +665,15 @@ std::string CommandHelp(Command command) {
              "plus the live rates while it runs. Exit status 0 whatever its phase.\n"
              "  --json                  print the MigrationProgress message as JSON (proto\n"
              "                          field names)\n";
+    case Command::kBalloon:
+      return "vmmctl --socket PATH balloon --target SIZE: ask the guest's balloon driver to\n"
+             "give SIZE (MiB, or with suffix M/G) of its memory back to the host (SetBalloon);\n"
+             "0 deflates it. The VM needs a balloon (create --balloon).\n";
+    case Command::kBalloonStats:
+      return "vmmctl --socket PATH balloon-stats [--json]: balloon target and actual size,\n"
+             "bytes given back through free-page reporting and hinting, and the guest's last\n"
+             "memory statistics (GetBalloonStats).\n"
+             "  --json                  print the BalloonStatus message as JSON\n";
     case Command::kReceive:
       return "vmmctl --socket PATH receive --listen ADDR [--serial MODE]: make this VMM (which\n"
              "must have no VM) listen for one incoming migration (ReceiveMigration); returns\n"
@@ -614,7 +681,11 @@ std::string CommandHelp(Command command) {
              "  --listen ADDR           where to listen: socket path, unix:PATH or HOST:PORT (a\n"
              "                          relative path is made absolute here). Required.\n"
              "  --serial MODE           console of the arriving guest here: stdout (the VMM's\n"
-             "                          stdout, the default), file:PATH (append) or none\n";
+             "                          stdout, the default), file:PATH (append) or none\n"
+             "  --disk SPEC / --net SPEC / --vsock SPEC\n"
+             "                          this host's backends for the arriving VM's disks, nets\n"
+             "                          and vsock (as for create; as many as the VM has, same\n"
+             "                          order; guest-visible settings come from the source)\n";
   }
   return "";
 }
@@ -640,6 +711,27 @@ std::string FormatVmInfo(const VmInfo& info) {
     }
   }
   absl::StrAppendFormat(&out, "serial:      %s\n", SerialText(c.serial()));
+  for (const DeviceStatus& d : info.devices()) {
+    absl::StrAppendFormat(&out, "device:      virtio-%s at %s, status 0x%02x, kicks %u (%u trapped)\n",
+                          d.kind(), d.pci_address(), d.device_status(),
+                          d.kicks_ioeventfd() + d.kicks_trapped(), d.kicks_trapped());
+  }
+  return out;
+}
+
+std::string FormatBalloonStatus(const BalloonStatus& b) {
+  std::string out = absl::StrFormat("target:      %u MiB\n", b.target_mib());
+  absl::StrAppendFormat(&out, "actual:      %u MiB (guest-reported)\n", b.actual_mib());
+  absl::StrAppendFormat(&out, "inflated:    %u MiB released on the host\n", b.inflated_mib());
+  absl::StrAppendFormat(&out, "reported:    %u bytes (free-page reporting)\n", b.reported_bytes());
+  absl::StrAppendFormat(&out, "hinted:      %u bytes (free-page hinting)\n", b.hinted_bytes());
+  if (b.stats_age_ms() < 0) {
+    out += "stats:       none yet\n";
+  } else {
+    absl::StrAppendFormat(&out, "stats:       %.1f s old\n", b.stats_age_ms() / 1000.0);
+    std::map<std::string, uint64_t> sorted(b.stats().begin(), b.stats().end());
+    for (const auto& [k, v] : sorted) absl::StrAppendFormat(&out, "  %-20s %u\n", k, v);
+  }
   return out;
 }
 
@@ -980,6 +1072,19 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       ReceiveMigrationRequest request = BuildReceiveMigrationRequest(options.receive, Cwd());
       ReceiveMigrationResponse response;
       status = stub->ReceiveMigration(&context, request, &response);
+      break;
+    }
+    case Command::kBalloon: {
+      SetBalloonRequest request;
+      request.set_target_mib(*options.balloon_target_mib);
+      SetBalloonResponse response;
+      status = stub->SetBalloon(&context, request, &response);
+      break;
+    }
+    case Command::kBalloonStats: {
+      BalloonStatus b;
+      status = stub->GetBalloonStats(&context, GetBalloonStatsRequest(), &b);
+      if (status.ok()) out << (options.json ? FormatJson(b) : FormatBalloonStatus(b));
       break;
     }
     case Command::kMigrate:

@@ -28,6 +28,8 @@ enum class Command {
   kMigrateCancel,
   kMigrateStatus,
   kReceive,
+  kBalloon,
+  kBalloonStats,
 };
 
 // "create", "boot", ..., "migrate-status", "receive" -> Command; nullopt for anything else.
@@ -53,6 +55,7 @@ struct Options {
   StartMigrationRequest migration;
   bool no_wait = false;             // migrate --no-wait
   ReceiveMigrationRequest receive;  // receive flags, as given
+  std::optional<uint64_t> balloon_target_mib;  // balloon --target
 };
 
 // Parses the arguments after argv[0]. Global flags (--socket, --timeout, --help) may appear
@@ -95,6 +98,7 @@ std::string CommandHelp(Command command);
 // Human-readable VmInfo (one "key: value" per line) and its JSON form.
 std::string FormatVmInfo(const VmInfo& info);
 std::string FormatVmInfoJson(const VmInfo& info);
+std::string FormatBalloonStatus(const BalloonStatus& status);
 
 // "PRECOPY", "COMPLETED", ... (the MigrationPhase name without MIGRATION_).
 std::string MigrationPhaseName(MigrationPhase phase);

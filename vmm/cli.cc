@@ -5,11 +5,12 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "vmm/device_spec.h"
 
 namespace microvmm {
 
 std::string VmmUsage() {
-  return R"(usage: vmm [FLAGS]
+  std::string u = R"(usage: vmm [FLAGS]
 
 Runs one microVM on KVM. Give a guest (--kernel or --test-guest) to build and boot it at once,
 and/or --api-socket to control the VMM over gRPC (service microvmm.Vmm; see vmmctl --help).
@@ -26,16 +27,19 @@ Machine:
   --vcpus N              number of vCPUs (default 1, max 254; test guests max 64)
   --memory SIZE          guest RAM: MiB, or with suffix M/G (default 128; even number of MiB)
   --serial SPEC          where the 8250 console goes: stdout (default), file:PATH, none
-  --rng                  add a virtio-rng device (PCI, MSI-X; entropy from getrandom)
   --prefill PATTERN      benchmarking aid: fill guest RAM above 16 MiB before boot with
                          random | half (every other page random) | zero
   --dirty-tracking MODE  how live migration finds written pages: auto (default: KVM dirty ring
                          if available, else bitmap), ring, bitmap
 
+%DEVICES%
 Migration:
   --incoming ADDR        instead of booting a guest, wait for a live migration on ADDR (unix
                          socket path, unix:PATH or HOST:PORT); the arriving VM then runs here.
-                         --serial sets where its console goes. Exit 75 if the migration fails.
+                         --serial sets where its console goes; --disk/--net/--vsock, if given,
+                         are this host's backends for the VM's disks/nets/vsock (same count and
+                         order; the guest-visible settings come from the source). Exit 75 if the
+                         migration fails.
                          (The source side is the API call StartMigration: vmmctl migrate.)
 
 Control:
@@ -56,6 +60,9 @@ the test guest's status (1..63) for a test-exit; 70 VMM run-time error; 71 guest
 fault); 72 KVM internal error or failed entry (register dump in the log); 73 guest panic (pvpanic);
 75 incoming migration failed (nothing ran here).
 )";
+  size_t at = u.find("%DEVICES%\n");
+  u.replace(at, 10, DeviceFlagsHelp());
+  return u;
 }
 
 absl::StatusOr<SerialConfig> ParseSerialSpec(const std::string& spec) {
@@ -75,19 +82,7 @@ absl::StatusOr<SerialConfig> ParseSerialSpec(const std::string& spec) {
 }
 
 absl::StatusOr<uint64_t> ParseMemoryMib(const std::string& spec) {
-  std::string num = spec;
-  uint64_t mult = 1;
-  if (!num.empty() && (num.back() == 'M' || num.back() == 'm')) {
-    num.pop_back();
-  } else if (!num.empty() && (num.back() == 'G' || num.back() == 'g')) {
-    num.pop_back();
-    mult = 1024;
-  }
-  uint64_t v = 0;
-  if (num.empty() || !absl::SimpleAtoi(num, &v) || num[0] == '-' || v > (1ULL << 40) / mult)
-    return absl::InvalidArgumentError(
-        absl::StrCat("bad --memory '", spec, "': expected MiB or a size like 512M / 2G"));
-  return v * mult;
+  return ParseSizeMib(spec, "--memory");
 }
 
 absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
@@ -124,7 +119,8 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     static const char* kKnown[] = {"--kernel", "--initrd", "--cmdline", "--test-guest",
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
                                    "--api-socket", "--log-level", "--incoming",
-                                   "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca"};
+                                   "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca",
+                                   "--disk", "--net", "--balloon", "--vsock"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -167,6 +163,24 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
         return absl::InvalidArgumentError(
             absl::StrCat("bad --dirty-tracking '", value, "': expected auto, ring or bitmap"));
       }
+    } else if (flag == "--disk") {
+      auto d = ParseDiskSpec(value);
+      if (!d.ok()) return d.status();
+      *o.config.add_disks() = *d;
+    } else if (flag == "--net") {
+      auto n = ParseNetSpec(value);
+      if (!n.ok()) return n.status();
+      *o.config.add_nets() = *n;
+    } else if (flag == "--balloon") {
+      if (o.config.has_balloon()) return absl::InvalidArgumentError("--balloon given twice");
+      auto b = ParseBalloonSpec(value);
+      if (!b.ok()) return b.status();
+      *o.config.mutable_balloon() = *b;
+    } else if (flag == "--vsock") {
+      if (o.config.has_vsock()) return absl::InvalidArgumentError("--vsock given twice");
+      auto v = ParseVsockSpec(value);
+      if (!v.ok()) return v.status();
+      *o.config.mutable_vsock() = *v;
     } else if (flag == "--prefill") {
       o.config.set_prefill(value);
     } else if (flag == "--tls-cert") {
@@ -190,6 +204,10 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     if (o.has_vm)
       return absl::InvalidArgumentError(
           "--incoming receives the guest from a migration: do not give --kernel/--test-guest");
+    if (o.config.rng() || o.config.has_balloon())
+      return absl::InvalidArgumentError(
+          "--incoming: --rng/--balloon come from the migrating VM's configuration; give only "
+          "--disk/--net/--vsock backends here");
     return o;
   }
   if (!o.has_vm && o.api_socket.empty())

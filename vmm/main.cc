@@ -97,7 +97,7 @@ int Run(int argc, char** argv) {
   std::unique_ptr<migration::IncomingMigration> incoming;
   if (!opts->incoming.empty()) {
     auto in = migration::IncomingMigration::Listen(
-        opts->incoming, opts->config.serial(), [&ev](absl::StatusOr<std::unique_ptr<Vm>> r) {
+        opts->incoming, opts->config, [&ev](absl::StatusOr<std::unique_ptr<Vm>> r) {
           absl::MutexLock lock(&ev.mu);
           ev.incoming = std::move(r);
           ev.incoming_done = true;

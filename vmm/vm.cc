@@ -8,16 +8,22 @@
 #include <condition_variable>
 #include <fstream>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
 #include "devices/virtio/pci_transport.h"
+#include "devices/virtio/balloon/balloon.h"
+#include "devices/virtio/blk/blk.h"
+#include "devices/virtio/net/net.h"
 #include "devices/virtio/rng.h"
+#include "devices/virtio/vsock/vsock.h"
 #include "migration/dirty/dirty_tracker.h"
 #include "vmm/pci/msix.h"
 #include "vmm/pci/bar_allocator.h"
@@ -25,11 +31,13 @@
 #include "vmm/pci/pci_root.h"
 #include "tests/guest/embedded.h"
 #include "vmm/base/log.h"
+#include "vmm/boot/acpi.h"
 #include "vmm/boot/layout.h"
 #include "vmm/boot/linux_loader.h"
 #include "vmm/boot/mptable.h"
 #include "vmm/boot/x86_setup.h"
 #include "vmm/bus.h"
+#include "vmm/event_loop.h"
 #include "vmm/kvm/kvm.h"
 #include "vmm/memory/guest_memory.h"
 #include "vmm/vcpu.h"
@@ -126,6 +134,7 @@ class VmImpl : public Vm {
       : config_(std::move(config)), incoming_(incoming), pio_("pio"), mmio_("mmio") {}
   ~VmImpl() override {
     StopAll();
+    if (loop_) loop_->Pause();  // no device handler runs while the devices are torn down
     tracker_.reset();  // before the vCPUs whose rings it maps
   }
 
@@ -154,6 +163,9 @@ class VmImpl : public Vm {
   absl::Status RestoreState(const VmState& state) override;
   GuestMemory& memory() override { return *mem_; }
   migration::DirtyTracker& dirty_tracker() override { return *tracker_; }
+  std::vector<DeviceStatus> DeviceStatuses() const override;
+  absl::Status SetBalloonTarget(uint64_t target_mib) override;
+  absl::StatusOr<BalloonStatus> GetBalloonStatus() override;
   void MarkMigrated(const std::string& reason) override {
     RequestExit(kExitOk, reason);
     StopAll();
@@ -173,6 +185,10 @@ class VmImpl : public Vm {
 
  private:
   absl::Status SetupDevices();
+  absl::Status SetupVirtioDevices();
+  // Puts `dev` on the PCI bus behind a virtio-pci transport with one MSI-X vector per queue
+  // plus one for configuration changes.
+  absl::Status AddVirtio(const std::string& kind, std::unique_ptr<virtio::VirtioDevice> dev);
   absl::Status LoadGuest();
   absl::Status SetupVcpus();
   // Records the first exit and stops every vCPU. Callable from vCPU threads.
@@ -196,13 +212,21 @@ class VmImpl : public Vm {
   // Owns KVM_SET_GSI_ROUTING (IOAPIC/PIC defaults + MSI routes). Declared after vm_ and before
   // the devices so devices (their MSI-X tables, ioeventfds) go first on destruction.
   std::unique_ptr<pci::GsiRouter> gsi_router_;
-  std::unique_ptr<virtio::VirtioRng> rng_;      // declared first: outlives its transport in pci_
+  // Device work off the vCPU threads (ioeventfds, backends). Outlives the devices.
+  std::unique_ptr<EventLoop> loop_;
+  struct VirtioSlot {
+    std::string kind;  // "rng", "blk", "net", "balloon", "vsock"
+    std::unique_ptr<virtio::VirtioDevice> device;
+    virtio::VirtioPciDevice* pci = nullptr;  // owned by pci_
+    uint8_t pci_slot = 0;
+  };
+  std::vector<VirtioSlot> virtio_;  // declared before pci_: outlive their transports
+  virtio::VirtioBalloon* balloon_ = nullptr;  // in virtio_, if configured
   std::unique_ptr<pci::PciRootBus> pci_;
   // The buses hold shared_ptrs to devices (and PCI window dispatchers): declared after everything
   // those devices use (router, guest memory, KVM fds), so they are destroyed first.
   Bus pio_;
   Bus mmio_;
-  virtio::VirtioPciDevice* rng_pci_ = nullptr;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
 
   // Boot entry.
@@ -346,17 +370,10 @@ absl::Status VmImpl::SetupDevices() {
   if (!windows.ok()) return windows.status();
   pci_ = std::make_unique<pci::PciRootBus>(*windows);
   pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
-  if (config_.rng()) {
-    rng_ = std::make_unique<virtio::VirtioRng>();
-    auto msix = pci::MsixTable::Create(*gsi_router_, 2);  // config + one queue
-    if (!msix.ok()) return msix.status();
-    auto dev = virtio::VirtioPciDevice::Create(mem_.get(), rng_.get(), std::move(*msix));
-    if (!dev.ok()) return dev.status();
-    rng_pci_ = dev->get();
-    auto slot = pci_->AddDevice(std::shared_ptr<pci::PciDevice>(std::move(*dev)));
-    if (!slot.ok()) return slot.status();
-  }
+  if (absl::Status s = SetupVirtioDevices(); !s.ok()) return s;
   if (absl::Status s = pci_->Attach(pio_, mmio_); !s.ok()) return s;
+  for (VirtioSlot& v : virtio_)
+    if (absl::Status s = v.pci->EnableIoEventFds(&*vm_, loop_.get()); !s.ok()) return s;
   i8042_ = std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); });
   if (absl::Status s = pio_.Insert(i8042_, 0x60, 5); !s.ok()) return s;
   if (absl::Status s = pio_.Insert(std::make_shared<PortCallback>([this](uint32_t v) {
@@ -377,9 +394,154 @@ absl::Status VmImpl::SetupDevices() {
                      kPvpanicPort, 1);
 }
 
+absl::Status VmImpl::AddVirtio(const std::string& kind,
+                               std::unique_ptr<virtio::VirtioDevice> dev) {
+  auto msix = pci::MsixTable::Create(
+      *gsi_router_, static_cast<uint32_t>(dev->queue_max_sizes().size() + 1));
+  if (!msix.ok()) return msix.status();
+  auto pci = virtio::VirtioPciDevice::Create(mem_.get(), dev.get(), std::move(*msix));
+  if (!pci.ok()) return pci.status();
+  VirtioSlot slot{kind, std::move(dev), pci->get()};
+  auto at = pci_->AddDevice(std::shared_ptr<pci::PciDevice>(std::move(*pci)));
+  if (!at.ok()) return at.status();
+  slot.pci_slot = *at;
+  virtio_.push_back(std::move(slot));
+  return absl::OkStatus();
+}
+
+std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
+  std::vector<DeviceStatus> out;
+  for (const VirtioSlot& v : virtio_) {
+    DeviceStatus d;
+    d.set_kind(v.kind);
+    d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
+    d.set_device_status(v.pci->device_status());
+    d.set_kicks_ioeventfd(v.pci->kicks_ioeventfd());
+    d.set_kicks_trapped(v.pci->kicks_trapped());
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+absl::Status VmImpl::SetBalloonTarget(uint64_t target_mib) {
+  if (balloon_ == nullptr)
+    return absl::FailedPreconditionError("the VM has no virtio-balloon (create it with a balloon)");
+  if (target_mib >= config_.memory_mib())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "balloon target %d MiB must be below guest memory (%d MiB)", target_mib,
+        config_.memory_mib()));
+  balloon_->SetTarget(target_mib << 20);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<BalloonStatus> VmImpl::GetBalloonStatus() {
+  if (balloon_ == nullptr)
+    return absl::FailedPreconditionError("the VM has no virtio-balloon (create it with a balloon)");
+  BalloonStatus st;
+  st.set_target_mib(balloon_->target_bytes() >> 20);
+  st.set_actual_mib(balloon_->actual_bytes() >> 20);
+  st.set_inflated_mib((balloon_->inflated_pages() * kPageSize) >> 20);
+  st.set_reported_bytes(balloon_->bytes_reported());
+  st.set_hinted_bytes(balloon_->bytes_hinted());
+  st.set_stats_age_ms(-1);
+  if (std::optional<virtio::BalloonStats> s = balloon_->GetStats(); s.has_value()) {
+    auto put = [&](const char* name, const std::optional<uint64_t>& v) {
+      if (v.has_value()) (*st.mutable_stats())[name] = *v;
+    };
+    put("swap-in", s->swap_in);
+    put("swap-out", s->swap_out);
+    put("major-faults", s->major_faults);
+    put("minor-faults", s->minor_faults);
+    put("free-memory", s->free_memory);
+    put("total-memory", s->total_memory);
+    put("available-memory", s->available_memory);
+    put("disk-caches", s->disk_caches);
+    put("hugetlb-allocations", s->hugetlb_allocations);
+    put("hugetlb-failures", s->hugetlb_failures);
+    put("oom-kills", s->oom_kills);
+    put("alloc-stalls", s->alloc_stalls);
+    put("async-scans", s->async_scans);
+    put("direct-scans", s->direct_scans);
+    put("async-reclaims", s->async_reclaims);
+    put("direct-reclaims", s->direct_reclaims);
+    st.set_stats_age_ms(absl::ToInt64Milliseconds(absl::Now() - s->timestamp));
+  }
+  return st;
+}
+
+absl::Status VmImpl::SetupVirtioDevices() {
+  auto loop = EventLoop::Create("vmm-devices");
+  if (!loop.ok()) return loop.status();
+  loop_ = std::move(*loop);
+  if (config_.rng())
+    if (absl::Status s = AddVirtio("rng", std::make_unique<virtio::VirtioRng>()); !s.ok())
+      return s;
+  for (int i = 0; i < config_.disks_size(); ++i) {
+    const DiskConfig& d = config_.disks(i);
+    virtio::BlockOptions o;
+    o.path = d.path();
+    o.read_only = d.read_only();
+    o.direct = d.direct();
+    o.serial = d.serial();
+    o.engine = d.engine() == DiskConfig::SYNC ? virtio::BlockOptions::Engine::kSync
+                                              : virtio::BlockOptions::Engine::kIoUring;
+    auto dev = virtio::VirtioBlock::Create(o, mem_.get(), loop_.get());
+    if (!dev.ok())
+      return absl::Status(dev.status().code(),
+                          absl::StrCat("disk ", i, ": ", dev.status().message()));
+    if (absl::Status s = AddVirtio("blk", std::move(*dev)); !s.ok()) return s;
+  }
+  for (int i = 0; i < config_.nets_size(); ++i) {
+    const NetConfig& n = config_.nets(i);
+    virtio::NetOptions o;
+    o.tap = n.tap();
+    if (!n.mac().empty()) {
+      auto mac = virtio::ParseMac(n.mac());
+      if (!mac.ok())
+        return absl::InvalidArgumentError(absl::StrCat("net ", i, ": ", mac.status().message()));
+      o.mac = *mac;
+    }
+    auto dev = virtio::VirtioNet::Create(o, mem_.get(), loop_.get());
+    if (!dev.ok())
+      return absl::Status(dev.status().code(),
+                          absl::StrCat("net ", i, " (tap ", n.tap(), "): ", dev.status().message()));
+    if (absl::Status s = AddVirtio("net", std::move(*dev)); !s.ok()) return s;
+  }
+  if (config_.has_balloon()) {
+    const BalloonConfig& b = config_.balloon();
+    virtio::VirtioBalloonOptions o;
+    o.initial_target_bytes = b.target_mib() << 20;
+    o.deflate_on_oom = b.deflate_on_oom();
+    o.free_page_reporting = b.free_page_reporting();
+    o.free_page_hinting = b.free_page_hinting();
+    o.stats_interval_s = b.stats_interval_s();
+    auto dev = virtio::VirtioBalloon::Create(mem_.get(), loop_.get(), o);
+    if (!dev.ok()) return dev.status();
+    balloon_ = dev->get();
+    if (absl::Status s = AddVirtio("balloon", std::move(*dev)); !s.ok()) return s;
+  }
+  if (config_.has_vsock()) {
+    virtio::VsockOptions o;
+    o.guest_cid = config_.vsock().guest_cid();
+    o.uds_path = config_.vsock().uds_path();
+    auto dev = virtio::VirtioVsock::Create(o, mem_.get(), loop_.get());
+    if (!dev.ok())
+      return absl::Status(dev.status().code(), absl::StrCat("vsock: ", dev.status().message()));
+    if (absl::Status s = AddVirtio("vsock", std::move(*dev)); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status VmImpl::LoadGuest() {
   if (absl::Status s = WriteBootTables(*mem_); !s.ok()) return s;
+  // Both an MP table (acpi=off kernels, kernels without ACPI) and ACPI tables (MADT with every
+  // vCPU, MCFG for the PCI ECAM, a DSDT describing the PCI host bridge and COM1).
   if (absl::Status s = WriteMpTable(*mem_, config_.vcpus()); !s.ok()) return s;
+  AcpiConfig acpi;
+  acpi.num_vcpus = config_.vcpus();
+  acpi.pci_windows = pci_->windows();
+  auto rsdp = WriteAcpiTables(*mem_, acpi);
+  if (!rsdp.ok()) return rsdp.status();
   if (!config_.kernel().empty()) {
     linux_ = true;
     auto kernel = ReadFile(config_.kernel(), "kernel", mem_->ram_bytes());
@@ -390,7 +552,9 @@ absl::Status VmImpl::LoadGuest() {
       if (!i.ok()) return i.status();
       initrd = std::move(*i);
     }
-    auto entry = LoadLinux(*mem_, {*kernel, initrd, config_.cmdline()});
+    LinuxBootSpec spec{*kernel, initrd, config_.cmdline()};
+    spec.rsdp_addr = *rsdp;
+    auto entry = LoadLinux(*mem_, spec);
     if (!entry.ok()) return entry.status();
     linux_entry_ = *entry;
     return absl::OkStatus();
@@ -523,6 +687,9 @@ absl::Status VmImpl::Pause() {
   if (absl::Status s = CheckState(RunState::kRunning, "pause"); !s.ok()) return s;
   for (auto& v : vcpus_) v->RequestPause();
   for (auto& v : vcpus_) v->WaitPaused();
+  // Then the devices: no handler runs, and nothing a device started still writes guest memory.
+  loop_->Pause();
+  for (VirtioSlot& v : virtio_) v.device->Quiesce();
   state_ = RunState::kPaused;
   return absl::OkStatus();
 }
@@ -530,6 +697,8 @@ absl::Status VmImpl::Pause() {
 absl::Status VmImpl::Resume() {
   std::lock_guard lock(mu_);
   if (absl::Status s = CheckState(RunState::kPaused, "resume"); !s.ok()) return s;
+  loop_->Resume();
+  for (VirtioSlot& v : virtio_) v.device->Resume();
   for (auto& v : vcpus_) v->Resume();
   state_ = RunState::kRunning;
   return absl::OkStatus();
@@ -593,7 +762,11 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
   st.set_clock(ToBytes(*clock));
   *st.mutable_serial() = serial_->SaveState();
   *st.mutable_i8042() = i8042_->SaveState();
-  if (rng_pci_ != nullptr) *st.mutable_virtio_rng() = rng_pci_->SaveState();
+  for (const VirtioSlot& v : virtio_) {
+    VirtioDeviceState* d = st.add_virtio_devices();
+    d->set_kind(v.kind);
+    *d->mutable_transport() = v.pci->SaveState();
+  }
   return st;
 }
 
@@ -650,11 +823,23 @@ absl::Status VmImpl::RestoreState(const VmState& st) {
   if (absl::Status s = vm_->SetClock(*clock); !s.ok()) return s;
   serial_->RestoreState(st.serial());
   i8042_->RestoreState(st.i8042());
-  if ((rng_pci_ != nullptr) != st.has_virtio_rng())
-    return absl::InvalidArgumentError("saved state and this VM disagree on the virtio-rng device");
-  if (rng_pci_ != nullptr)
-    if (absl::Status s = rng_pci_->RestoreState(st.virtio_rng()); !s.ok()) return s;
+  if (static_cast<size_t>(st.virtio_devices_size()) != virtio_.size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "saved state has %d virtio devices, this VM has %d", st.virtio_devices_size(),
+        virtio_.size()));
+  for (size_t i = 0; i < virtio_.size(); ++i) {
+    const VirtioDeviceState& d = st.virtio_devices(static_cast<int>(i));
+    if (d.kind() != virtio_[i].kind)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "saved state has virtio device %d of kind '%s', this VM has '%s'", i, d.kind(),
+          virtio_[i].kind));
+    if (absl::Status s = virtio_[i].pci->RestoreState(d.transport()); !s.ok())
+      return absl::InvalidArgumentError(
+          absl::StrFormat("virtio-%s state: %s", d.kind(), s.message()));
+  }
   if (absl::Status s = pci_->RemapAll(); !s.ok()) return s;
+  for (VirtioSlot& v : virtio_)  // notify registers at the restored BAR addresses
+    if (absl::Status s = v.pci->EnableIoEventFds(&*vm_, loop_.get()); !s.ok()) return s;
   return absl::OkStatus();
 }
 
@@ -672,7 +857,84 @@ absl::Status ValidateConfig(VmConfig& c, bool incoming);
 
 absl::Status ValidateAndDefaultConfig(VmConfig& c) { return ValidateConfig(c, false); }
 
+absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {
+  *c.mutable_serial() = local.serial();
+  if (local.disks_size() > 0) {
+    if (local.disks_size() != c.disks_size())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "the migrating VM has %d disks, %d given here", c.disks_size(), local.disks_size()));
+    for (int i = 0; i < c.disks_size(); ++i) {
+      DiskConfig* d = c.mutable_disks(i);
+      d->set_path(local.disks(i).path());
+      d->set_direct(local.disks(i).direct());
+      d->set_engine(local.disks(i).engine());
+    }
+  }
+  if (local.nets_size() > 0) {
+    if (local.nets_size() != c.nets_size())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "the migrating VM has %d net devices, %d given here", c.nets_size(), local.nets_size()));
+    for (int i = 0; i < c.nets_size(); ++i) c.mutable_nets(i)->set_tap(local.nets(i).tap());
+  }
+  if (local.has_vsock()) {
+    if (!c.has_vsock())
+      return absl::InvalidArgumentError("a vsock is given here but the migrating VM has none");
+    if (local.vsock().guest_cid() != 0 && local.vsock().guest_cid() != c.vsock().guest_cid())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "vsock guest CID %d given here, the migrating VM has %d (the guest's CID cannot change)",
+          local.vsock().guest_cid(), c.vsock().guest_cid()));
+    c.mutable_vsock()->set_uds_path(local.vsock().uds_path());
+  }
+  return absl::OkStatus();
+}
+
 namespace {
+// Device configuration that can be checked without opening anything (the devices' Create()
+// report missing files, taps that cannot be opened, sockets in use, still before boot).
+absl::Status ValidateDeviceConfig(const VmConfig& c) {
+  std::set<std::string> paths, taps, macs;
+  for (int i = 0; i < c.disks_size(); ++i) {
+    const DiskConfig& d = c.disks(i);
+    std::string what = absl::StrCat("disk ", i);
+    if (d.path().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": no path"));
+    if (!DiskConfig::Engine_IsValid(d.engine()))
+      return absl::InvalidArgumentError(absl::StrCat(what, ": unknown engine"));
+    if (d.serial().size() > 20)
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": serial '", d.serial(), "' is longer than 20 bytes"));
+    char* real = ::realpath(d.path().c_str(), nullptr);
+    std::string key = real != nullptr ? real : d.path();
+    ::free(real);
+    if (!paths.insert(key).second)
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": '", d.path(), "' is already used by another disk"));
+  }
+  for (int i = 0; i < c.nets_size(); ++i) {
+    const NetConfig& n = c.nets(i);
+    std::string what = absl::StrCat("net ", i);
+    if (n.tap().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": no tap name"));
+    if (!taps.insert(n.tap()).second)
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": tap '", n.tap(), "' is already used by another net device"));
+    if (!n.mac().empty() && !macs.insert(absl::AsciiStrToLower(n.mac())).second)
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": MAC ", n.mac(), " is already used by another net device"));
+  }
+  if (c.has_balloon() && c.balloon().target_mib() >= c.memory_mib())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "balloon target %d MiB must be below guest memory (%d MiB)", c.balloon().target_mib(),
+        c.memory_mib()));
+  if (c.has_vsock()) {
+    // CIDs 0-2 are reserved (hypervisor, local, host); 2^32-1 is VMADDR_CID_ANY.
+    if (c.vsock().guest_cid() < 3 || c.vsock().guest_cid() == 0xffffffffu)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "vsock guest CID %d is reserved (use 3 or above)", c.vsock().guest_cid()));
+    if (c.vsock().uds_path().empty())
+      return absl::InvalidArgumentError("vsock needs a unix socket path (uds_path)");
+  }
+  return absl::OkStatus();
+}
+
 // `incoming`: the guest image files are not needed (memory and state come from the source).
 absl::Status ValidateConfig(VmConfig& c, bool incoming) {
   if (c.vcpus() == 0) return absl::InvalidArgumentError("vcpus must be at least 1");
@@ -729,7 +991,7 @@ absl::Status ValidateConfig(VmConfig& c, bool incoming) {
         absl::StrCat("bad prefill '", c.prefill(), "': expected random, half or zero"));
   if (!VmConfig::DirtyTracking_IsValid(c.dirty_tracking()))
     return absl::InvalidArgumentError("unknown dirty_tracking mode");
-  return absl::OkStatus();
+  return ValidateDeviceConfig(c);
 }
 }  // namespace
 

@@ -7,12 +7,14 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "proto/vm_config.pb.h"
 #include "proto/vm_state.pb.h"
+#include "proto/vm_status.pb.h"
 #include "vmm/exit_status.h"
 
 namespace microvmm {
@@ -64,11 +66,26 @@ class Vm {
   // The VM now runs elsewhere: EXITED with status 0 and `reason`; vCPUs stopped.
   virtual void MarkMigrated(const std::string& reason) = 0;
 
+  // Virtio devices on the PCI bus, in configuration order.
+  virtual std::vector<DeviceStatus> DeviceStatuses() const = 0;
+  // virtio-balloon. FailedPrecondition if the VM has none; InvalidArgument for a target not
+  // below guest RAM.
+  virtual absl::Status SetBalloonTarget(uint64_t target_mib) = 0;
+  virtual absl::StatusOr<BalloonStatus> GetBalloonStatus() = 0;
+
   // Blocks until the VM has exited (guest reset, crash, Shutdown()).
   virtual VmExit WaitForExit() = 0;
   // Like WaitForExit with a timeout; nullopt if still not exited.
   virtual std::optional<VmExit> WaitForExitFor(absl::Duration timeout) = 0;
 };
+
+// Destination side of a migration: `from_source` is the source VM's configuration; `local` holds
+// this host's settings. The serial console is always local. Device backends given locally
+// replace the source's: disks (path, direct, engine — same count; read-only and serial are
+// guest-visible and stay the source's), nets (tap — same count; the MAC stays), vsock (socket
+// path; the CID stays). Backends not given locally keep the source's values (shared storage,
+// same tap names on both hosts). InvalidArgument when counts or presence differ.
+absl::Status ApplyLocalSettings(VmConfig& from_source, const VmConfig& local);
 
 // Checks a configuration without building anything (also used by the API before CreateVm).
 // Fills defaults into `config` (serial mode, cmdline).

@@ -20,7 +20,21 @@ inline constexpr uint16_t kDeviceIdNet = 1;
 inline constexpr uint16_t kDeviceIdBlock = 2;
 inline constexpr uint16_t kDeviceIdConsole = 3;
 inline constexpr uint16_t kDeviceIdEntropy = 4;
+inline constexpr uint16_t kDeviceIdBalloon = 5;
+inline constexpr uint16_t kDeviceIdVsock = 19;
 
+// Threading contract for devices:
+//  - ProcessQueue() may run on a vCPU thread (notify write trapped) or on the VM's EventLoop
+//    thread (ioeventfd), possibly concurrently for different queues: devices lock internally.
+//  - Activate(), Reset(), SaveState(), RestoreState() are called with the transport's lock held:
+//    a device must never call back into the transport (QueueSignal, NotifyConfigChanged())
+//    from inside them, nor wait there for a thread that might.
+//  - QueueSignal and NotifyConfigChanged() are lock-free on the transport side; they may be
+//    called with the device's own lock held, from any thread.
+//  - Backend work (io_uring completions, tap/socket readiness) runs on the EventLoop handed to
+//    the device at creation, never on a thread of the device's own, so that pausing the loop
+//    (VM pause) stops all device activity.
+//
 // Raises the used-buffer notification of queue `index` (the transport maps it to an interrupt
 // vector). Callable from any thread.
 using QueueSignal = std::function<void(uint16_t index)>;
@@ -58,12 +72,37 @@ class VirtioDevice {
   // its error state is noticed by the transport afterwards.
   virtual void ProcessQueue(uint16_t index) = 0;
 
-  // Device-specific save/restore (opaque bytes). RestoreState runs before Activate().
+  // VM pause, after the vCPUs and the EventLoop stopped: finish (or cancel and remember) every
+  // backend operation that could still write guest memory — e.g. wait for io_uring reads to
+  // land and complete them into the used ring — so that after Quiesce() returns the device
+  // touches no guest memory until the next ProcessQueue()/event. The saved state then holds
+  // only requests the device can redo after a restore.
+  virtual void Quiesce() {}
+  // The VM runs again after a Quiesce() (without a restore): restart backend work Quiesce()
+  // stopped (e.g. reading a tap), called with the EventLoop running.
+  virtual void Resume() {}
+
+  // Device-specific save/restore: the serialized form of the device's own protobuf message
+  // (kept next to its code), stored in VirtioPciState.device_state. RestoreState runs before
+  // Activate(); Activate() after a restore must resubmit the requests still in flight on the
+  // queues (Virtqueue::InFlightHeads() + ReadInFlightChain()).
   virtual std::string SaveState() const { return {}; }
   virtual absl::Status RestoreState(const std::string& state) {
     (void)state;
     return absl::OkStatus();
   }
+
+  // Set by the transport once at creation: raises a configuration-change interrupt (bumping
+  // config_generation). Devices call NotifyConfigChanged() after changing their config space.
+  void set_config_changed_callback(std::function<void()> fn) { config_changed_ = std::move(fn); }
+
+ protected:
+  void NotifyConfigChanged() {
+    if (config_changed_) config_changed_();
+  }
+
+ private:
+  std::function<void()> config_changed_;
 };
 
 }  // namespace microvmm::virtio

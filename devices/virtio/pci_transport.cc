@@ -4,6 +4,8 @@
 #include <cstring>
 #include <utility>
 
+#include "vmm/base/log.h"
+
 namespace microvmm::virtio {
 namespace {
 
@@ -79,7 +81,9 @@ absl::Status VirtioPciDevice::Init() {
     queues_.push_back(std::make_unique<Virtqueue>(mem_, static_cast<uint16_t>(i), sizes[i]));
     queue_ptrs_.push_back(queues_.back().get());
   }
-  queue_vectors_.assign(sizes.size(), kVirtioMsiNoVector);
+  queue_vectors_ = std::make_unique<std::atomic<uint16_t>[]>(sizes.size());
+  for (size_t i = 0; i < sizes.size(); ++i) queue_vectors_[i].store(kVirtioMsiNoVector);
+  device_->set_config_changed_callback([this] { ConfigChanged(); });
 
   absl::Status s = config_.AddBar(kVirtioBar, pci::BarType::kMem64, kVirtioBarSize);
   if (!s.ok()) return s;
@@ -118,6 +122,79 @@ absl::Status VirtioPciDevice::Init() {
   auto off = config_.AddCapability(pcicfg, wmask);
   if (!off.ok()) return off.status();
   pci_cfg_cap_ = *off;
+  return absl::OkStatus();
+}
+
+VirtioPciDevice::~VirtioPciDevice() {
+  std::lock_guard<std::mutex> l(io_mu_);
+  DropIoEventFdsLocked();
+}
+
+// ---- Queue-notify ioeventfds -----------------------------------------------------------------
+
+absl::Status VirtioPciDevice::EnableIoEventFds(KvmVm* vm, EventLoop* loop) {
+  if (vm == nullptr || loop == nullptr) return absl::InvalidArgumentError("null argument");
+  std::lock_guard<std::mutex> l(io_mu_);
+  io_vm_ = vm;
+  io_loop_ = loop;
+  return PlaceIoEventFdsLocked(config_.bar_mapped_address(kVirtioBar));
+}
+
+bool VirtioPciDevice::ioeventfds_active() const {
+  std::lock_guard<std::mutex> l(io_mu_);
+  return !ioeventfds_.empty();
+}
+
+void VirtioPciDevice::BarMoved(const pci::BarMove& move) {
+  if (move.index != kVirtioBar) return;
+  std::lock_guard<std::mutex> l(io_mu_);
+  if (io_vm_ == nullptr) return;
+  if (absl::Status s = PlaceIoEventFdsLocked(move.new_addr); !s.ok())
+    LOG_WARN_RATELIMITED("%s: queue notifications will trap (no ioeventfd): %s", name(),
+                         s.message());
+}
+
+void VirtioPciDevice::DropIoEventFdsLocked() {
+  for (auto& e : ioeventfds_) io_loop_->Remove(e->fd());  // waits for a running handler
+  ioeventfds_.clear();
+}
+
+absl::Status VirtioPciDevice::PlaceIoEventFdsLocked(uint64_t bar_base) {
+  if (bar_base == 0) {
+    DropIoEventFdsLocked();
+    return absl::OkStatus();
+  }
+  if (!ioeventfds_.empty()) {
+    for (size_t i = 0; i < ioeventfds_.size(); ++i) {
+      absl::Status s = ioeventfds_[i]->Move(bar_base + NotifyBarOffset(static_cast<uint16_t>(i)));
+      if (!s.ok()) {
+        DropIoEventFdsLocked();
+        return s;
+      }
+    }
+    return absl::OkStatus();
+  }
+  for (size_t i = 0; i < queues_.size(); ++i) {
+    pci::IoEventFd::Options o;
+    o.addr = bar_base + NotifyBarOffset(static_cast<uint16_t>(i));
+    o.len = 2;
+    auto ev = pci::IoEventFd::Create(*io_vm_, o);
+    absl::Status s = ev.status();
+    if (s.ok()) {
+      pci::IoEventFd* e = ev->get();
+      uint16_t index = static_cast<uint16_t>(i);
+      s = io_loop_->Add(e->fd(), EPOLLIN, [this, e, index](uint32_t) {
+        (void)e->event().Consume();
+        kicks_ioeventfd_.fetch_add(1, std::memory_order_relaxed);
+        Notify(index);
+      });
+      if (s.ok()) ioeventfds_.push_back(std::move(*ev));
+    }
+    if (!s.ok()) {
+      DropIoEventFdsLocked();
+      return s;
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -179,7 +256,10 @@ void VirtioPciDevice::WriteBar(int bar, uint64_t offset, std::span<const uint8_t
     if (o + data.size() <= device_->config_size()) device_->WriteConfig(o, data);
   } else if (offset >= kBarNotifyOffset && offset < kBarNotifyOffset + 0x1000) {
     uint64_t q = (offset - kBarNotifyOffset) / kNotifyOffMultiplier;
-    if (q < queues_.size()) Notify(static_cast<uint16_t>(q));
+    if (q < queues_.size()) {
+      kicks_trapped_.fetch_add(1, std::memory_order_relaxed);
+      Notify(static_cast<uint16_t>(q));
+    }
   }
 }
 
@@ -195,15 +275,15 @@ void VirtioPciDevice::CommonImageLocked(uint8_t* img) const {
                      ? static_cast<uint32_t>(driver_features_ >> (32 * driver_feature_select_))
                      : 0;
   Put(img + kCommonDriverFeature, 4, drf);
-  Put(img + kCommonMsixConfig, 2, msix_config_);
+  Put(img + kCommonMsixConfig, 2, msix_config_.load());
   Put(img + kCommonNumQueues, 2, queues_.size());
   img[kCommonDeviceStatus] = status_;
-  img[kCommonConfigGeneration] = config_generation_;
+  img[kCommonConfigGeneration] = config_generation_.load();
   Put(img + kCommonQueueSelect, 2, queue_select_);
   if (queue_select_ < queues_.size()) {
     const Virtqueue& q = *queues_[queue_select_];
     Put(img + kCommonQueueSize, 2, q.size());
-    Put(img + kCommonQueueMsixVector, 2, queue_vectors_[queue_select_]);
+    Put(img + kCommonQueueMsixVector, 2, queue_vectors_[queue_select_].load());
     Put(img + kCommonQueueEnable, 2, q.ready() ? 1 : 0);
     Put(img + kCommonQueueNotifyOff, 2, queue_select_);
     Put(img + kCommonQueueDesc, 8, q.desc_addr());
@@ -312,7 +392,7 @@ void VirtioPciDevice::ResetLocked() {
   driver_features_ = 0;
   msix_config_ = kVirtioMsiNoVector;
   queue_select_ = 0;
-  std::fill(queue_vectors_.begin(), queue_vectors_.end(), kVirtioMsiNoVector);
+  for (size_t i = 0; i < queues_.size(); ++i) queue_vectors_[i].store(kVirtioMsiNoVector);
   isr_.store(0);
 }
 
@@ -320,22 +400,19 @@ void VirtioPciDevice::NeedsResetLocked(const absl::Status& why) {
   (void)why;
   if (status_ & kStatusDeviceNeedsReset) return;
   status_ |= kStatusDeviceNeedsReset;
-  ++config_generation_;
-  SignalConfigLocked();
+  ConfigChanged();
 }
 
-void VirtioPciDevice::SignalConfigLocked() {
+void VirtioPciDevice::ConfigChanged() {
+  config_generation_.fetch_add(1);
   isr_.fetch_or(kIsrConfig);
-  if (msix_config_ != kVirtioMsiNoVector) interrupt_->Signal(msix_config_);
+  uint16_t v = msix_config_.load();
+  if (v != kVirtioMsiNoVector) interrupt_->Signal(v);
 }
 
 void VirtioPciDevice::SignalQueue(uint16_t index) {
-  uint16_t v;
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    if (index >= queue_vectors_.size()) return;
-    v = queue_vectors_[index];
-  }
+  if (index >= queues_.size()) return;
+  uint16_t v = queue_vectors_[index].load();
   isr_.fetch_or(kIsrQueue);
   if (v != kVirtioMsiNoVector) interrupt_->Signal(v);
 }
@@ -380,13 +457,13 @@ VirtioPciState VirtioPciDevice::SaveState() const {
   st.set_device_feature_select(device_feature_select_);
   st.set_driver_feature_select(driver_feature_select_);
   st.set_driver_features(driver_features_);
-  st.set_msix_config(msix_config_);
+  st.set_msix_config(msix_config_.load());
   st.set_queue_select(queue_select_);
-  st.set_config_generation(config_generation_);
+  st.set_config_generation(config_generation_.load());
   st.set_isr(isr_.load());
   for (size_t i = 0; i < queues_.size(); ++i) {
     *st.add_queues() = queues_[i]->SaveState();
-    st.add_queue_msix_vectors(queue_vectors_[i]);
+    st.add_queue_msix_vectors(queue_vectors_[i].load());
   }
   st.set_device_state(device_->SaveState());
   *st.mutable_pci_config() = config_.SaveState();

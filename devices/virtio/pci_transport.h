@@ -31,7 +31,10 @@
 #include "devices/virtio/device.h"
 #include "devices/virtio/queue.h"
 #include "devices/virtio/virtio_pci_state.pb.h"
+#include "vmm/event_loop.h"
+#include "vmm/kvm/kvm.h"
 #include "vmm/memory/guest_memory.h"
+#include "vmm/pci/ioeventfd.h"
 #include "vmm/pci/msix.h"
 #include "vmm/pci/pci_config.h"
 #include "vmm/pci/pci_device.h"
@@ -118,12 +121,26 @@ class VirtioPciDevice : public pci::PciDevice {
       GuestMemory* mem, VirtioDevice* device, std::unique_ptr<pci::MsixTable> msix,
       std::unique_ptr<VirtioInterrupt> interrupt = nullptr);
 
+  ~VirtioPciDevice() override;
+
   pci::PciConfigSpace& config() override { return config_; }
   std::string name() const override { return "virtio-" + device_->name(); }
   uint32_t ReadConfig(uint32_t offset, unsigned size) override;
   void WriteConfig(uint32_t offset, unsigned size, uint32_t value) override;
   void ReadBar(int bar, uint64_t offset, std::span<uint8_t> data) override;
   void WriteBar(int bar, uint64_t offset, std::span<const uint8_t> data) override;
+  void BarMoved(const pci::BarMove& move) override;
+
+  // Queue notifications through KVM ioeventfds (2-byte writes to a queue's notify register)
+  // handled on `loop`, so a guest kick does not exit to userspace; other widths still trap and
+  // are handled synchronously. Registers at BAR 0's current address (none while unmapped) and
+  // follows the BAR when the guest moves it. Idempotent; call after the function is on the bus
+  // and again after RestoreState(). `vm` and `loop` must outlive the transport.
+  absl::Status EnableIoEventFds(KvmVm* vm, EventLoop* loop);
+  bool ioeventfds_active() const;
+  // Queue notifications received through ioeventfds / trapped register writes.
+  uint64_t kicks_ioeventfd() const { return kicks_ioeventfd_.load(); }
+  uint64_t kicks_trapped() const { return kicks_trapped_.load(); }
 
   // Notification of queue `index` (what a write to its notify address does; call it from the
   // ioeventfd handler in production).
@@ -160,7 +177,10 @@ class VirtioPciDevice : public pci::PciDevice {
   // Sets DEVICE_NEEDS_RESET and raises a configuration-change interrupt.
   void NeedsResetLocked(const absl::Status& why);
   void SignalQueue(uint16_t index);
-  void SignalConfigLocked();
+  absl::Status PlaceIoEventFdsLocked(uint64_t bar_base);
+  void DropIoEventFdsLocked();
+  // Configuration change: bumps config_generation, sets the ISR bit, raises msix_config. Lock-free.
+  void ConfigChanged();
 
   GuestMemory* const mem_;
   VirtioDevice* const device_;
@@ -177,12 +197,19 @@ class VirtioPciDevice : public pci::PciDevice {
   uint32_t device_feature_select_ = 0;
   uint32_t driver_feature_select_ = 0;
   uint64_t driver_features_ = 0;
-  uint16_t msix_config_ = kVirtioMsiNoVector;
+  std::atomic<uint16_t> msix_config_{kVirtioMsiNoVector};
   uint16_t queue_select_ = 0;
-  uint8_t config_generation_ = 0;
-  std::vector<uint16_t> queue_vectors_;
+  std::atomic<uint8_t> config_generation_{0};
+  // Lock-free on the signalling path (devices signal with their own locks held).
+  std::unique_ptr<std::atomic<uint16_t>[]> queue_vectors_;
   std::atomic<bool> activated_{false};  // device Activate() succeeded (DRIVER_OK)
   std::atomic<uint8_t> isr_{0};
+
+  mutable std::mutex io_mu_;  // ioeventfd registrations (never held while a queue is processed)
+  KvmVm* io_vm_ = nullptr;
+  EventLoop* io_loop_ = nullptr;
+  std::vector<std::unique_ptr<pci::IoEventFd>> ioeventfds_;
+  std::atomic<uint64_t> kicks_ioeventfd_{0}, kicks_trapped_{0};
 };
 
 }  // namespace microvmm::virtio

@@ -10,8 +10,8 @@
 
 namespace microvmm::migration {
 
-MigrationDestination::MigrationDestination(SerialConfig local_serial, DoneFn done)
-    : local_serial_(std::move(local_serial)), done_(std::move(done)) {}
+MigrationDestination::MigrationDestination(VmConfig local, DoneFn done)
+    : local_(std::move(local)), done_(std::move(done)) {}
 
 MigrationDestination::~MigrationDestination() = default;
 
@@ -46,7 +46,7 @@ absl::Status MigrationDestination::AcceptHeader(const MigrationHeader& h) {
           "memory region %d is [0x%x,+0x%x) at the source, [0x%x,+0x%x) here", i,
           h.regions(i).gpa(), h.regions(i).size(), want[i].gpa, want[i].size));
   VmConfig config = h.config();
-  *config.mutable_serial() = local_serial_;
+  if (absl::Status s = ApplyLocalSettings(config, local_); !s.ok()) return s;
   auto vm = Vm::CreateIncoming(config);
   if (!vm.ok())
     return absl::Status(vm.status().code(),

@@ -24,9 +24,10 @@ class MigrationDestination final : public Migration::Service {
   // Called exactly once: with the running VM after a successful migration, or with the error
   // that ended it (everything received so far has then been discarded).
   using DoneFn = std::function<void(absl::StatusOr<std::unique_ptr<Vm>>)>;
-  // `local_serial`: where this VMM's guest console goes (the source's setting names the source
-  // host's files, so it is replaced).
-  MigrationDestination(SerialConfig local_serial, DoneFn done);
+  // `local`: this host's settings for the arriving VM — its serial console and, if given, the
+  // device backends (disk paths, taps, vsock socket), see ApplyLocalSettings() in vmm/vm.h;
+  // the source's settings name the source host's files.
+  MigrationDestination(VmConfig local, DoneFn done);
   ~MigrationDestination() override;
 
   grpc::Status Control(grpc::ServerContext* ctx,
@@ -40,7 +41,7 @@ class MigrationDestination final : public Migration::Service {
   absl::Status AcceptHeader(const MigrationHeader& h);
   void Finish(absl::StatusOr<std::unique_ptr<Vm>> result);
 
-  const SerialConfig local_serial_;
+  const VmConfig local_;
   DoneFn done_;
   absl::Mutex mu_;
   bool started_ ABSL_GUARDED_BY(mu_) = false;   // a Control stream took the one migration

@@ -6,10 +6,10 @@
 namespace microvmm::migration {
 
 absl::StatusOr<std::unique_ptr<IncomingMigration>> IncomingMigration::Listen(
-    const std::string& address, SerialConfig local_serial, MigrationDestination::DoneFn done,
+    const std::string& address, VmConfig local, MigrationDestination::DoneFn done,
     std::shared_ptr<grpc::ServerCredentials> credentials) {
   std::unique_ptr<IncomingMigration> in(new IncomingMigration());
-  in->service_ = std::make_unique<MigrationDestination>(std::move(local_serial), std::move(done));
+  in->service_ = std::make_unique<MigrationDestination>(std::move(local), std::move(done));
   auto server = StartGrpcServer(address, in->service_.get(), "migration listener", &in->port_,
                                 std::move(credentials));
   if (!server.ok()) return server.status();

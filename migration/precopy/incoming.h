@@ -17,7 +17,7 @@ class IncomingMigration {
   // Starts listening on `address`. `done` is called once (on a gRPC thread) with the running VM
   // or the error; it must not destroy this object.
   static absl::StatusOr<std::unique_ptr<IncomingMigration>> Listen(
-      const std::string& address, SerialConfig local_serial, MigrationDestination::DoneFn done,
+      const std::string& address, VmConfig local, MigrationDestination::DoneFn done,
       std::shared_ptr<grpc::ServerCredentials> credentials = nullptr);
   ~IncomingMigration();  // stops the server (in-flight calls get a short grace period)
 

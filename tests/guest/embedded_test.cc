@@ -16,9 +16,10 @@ namespace tg = microvmm::testguest;
 
 int main() {
   const auto names = tg::Names();
-  CHECK(names.size() == 7);
+  CHECK(names.size() == 8);
   CHECK(names[0] == "fault" && names[1] == "hello" && names[2] == "idle" && names[3] == "memwalk" &&
-        names[4] == "pciscan" && names[5] == "smp" && names[6] == "virtiorng");
+        names[4] == "pciscan" && names[5] == "smp" && names[6] == "virtioblk" &&
+        names[7] == "virtiorng");
   for (const auto& n : names) {
     const tg::Image* img = tg::Find(n);
     CHECK(img != nullptr);

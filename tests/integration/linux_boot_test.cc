@@ -59,9 +59,15 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
   if (!hw)
     cmdline += " noxsave nopku nopcid noinvpcid nofsgsbase mitigations=off "
                "clearcpuid=cx16,popcnt,rdrand,rdseed,smap,smep,avx,avx2,avx512f,rdpid";
+  // Our virtio devices, for the kernel's own drivers to probe (on a hardware-KVM host; here the
+  // kernel stops long before PCI probing, so only the ACPI/PCI tables are checked below).
+  const std::string disk = dir_.File("disk.img");
+  ASSERT_EQ(system(("truncate -s 1M " + disk).c_str()), 0);
   std::vector<std::string> argv = {
       Runfile("vmm/vmm"), "--kernel", kernel_, "--initrd", initrd_, "--vcpus", "2", "--memory",
-      "256", "--serial", "file:" + dir_.File("console"), "--cmdline", cmdline};
+      "256", "--serial", "file:" + dir_.File("console"), "--cmdline", cmdline, "--rng",
+      "--disk", "path=" + disk + ",serial=lxdisk", "--balloon", "stats=1", "--vsock",
+      "cid=9,uds=" + dir_.File("vsock")};
   Subprocess p(argv, dir_.File("stdout"), dir_.File("stderr"));
   const std::string console = dir_.File("console");
 
@@ -69,6 +75,14 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
     ASSERT_TRUE(WaitForFileContains(console, "MICROVMM-INIT-OK", absl::Seconds(60)))
         << "Linux did not reach /init on a hardware-virtualized host. Console:\n"
         << ReadFileOrEmpty(console) << "\nvmm log:\n" << ReadFileOrEmpty(dir_.File("stderr"));
+    // /init lists /sys/bus/virtio/devices with the driver bound to each (tools/guest/init.sh).
+    // NOT VERIFIED on this project's software-KVM CI hosts (Linux never gets this far there).
+    for (const char* want :
+         {"(block) vendor=0x1af4 driver=virtio_blk", "(rng) vendor=0x1af4 driver=virtio_rng",
+          "(balloon) vendor=0x1af4 driver=virtio_balloon",
+          "(vsock) vendor=0x1af4 driver=vmw_vsock_virtio_transport", "virtio: 4 device(s)",
+          "[vda] 2048 512-byte logical blocks"})
+      EXPECT_TRUE(WaitForFileContains(console, want, absl::Seconds(10))) << want;
     auto st = p.Wait(absl::Seconds(30));
     ASSERT_TRUE(st.has_value()) << "guest did not reboot after /init";
     EXPECT_EQ(*st, 0) << ReadFileOrEmpty(dir_.File("stderr"));
@@ -97,8 +111,16 @@ TEST_P(LinuxBootTest, BootsAsFarAsTheHostAllows) {
   EXPECT_TRUE(WaitForFileContains(console, "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
                                   absl::Seconds(10)))
       << "e820 map of a 256 MiB guest not as expected";
-  EXPECT_TRUE(WaitForFileContains(console, "MPTABLE: OEM ID: MICROVMM", limit));
-  EXPECT_TRUE(WaitForFileContains(console, "Processors: 2", limit)) << "MP table vCPU count";
+  // ACPI (vmm/boot/acpi.cc): the kernel finds our RSDP, checks every table, takes its SMP
+  // configuration from the MADT (so the MP table is not used) and reserves the ECAM via MCFG.
+  EXPECT_TRUE(WaitForFileContains(console, "ACPI: RSDP 0x00000000000E0000", limit));
+  for (const char* table : {"ACPI: XSDT", "ACPI: FACP", "ACPI: DSDT", "ACPI: APIC", "ACPI: MCFG"})
+    EXPECT_TRUE(WaitForFileContains(console, table, absl::Seconds(10))) << table;
+  EXPECT_TRUE(WaitForFileContains(console, "BIOS-e820: [mem 0x00000000e0000000-0x00000000e00fffff] reserved",
+                                  absl::Seconds(10)))
+      << "ECAM not reserved in e820";
+  EXPECT_TRUE(WaitForFileContains(console, "Using ACPI (MADT) for SMP configuration", limit));
+  EXPECT_TRUE(WaitForFileContains(console, "smpboot: Allowing 2 CPUs", limit)) << "MADT vCPU count";
   EXPECT_TRUE(WaitForFileContains(console, "printk: console [ttyS0] enabled", limit))
       << "the kernel's 8250 console did not take over our UART";
   auto st = p.Wait(absl::Seconds(5));

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <memory>
+#include <unistd.h>
+
 #include <string>
 #include <vector>
 
@@ -118,6 +120,52 @@ TEST_F(MigrationTest, VmWithVirtioRngMigrates) {
   int gen_src = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
   EXPECT_TRUE(WaitForGeneration(dir_.File("dst.log"), gen_src + 2, absl::Seconds(30))) << Errs();
   EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")).find("FAIL"), std::string::npos);
+}
+
+// Every virtio device kind except net (needs a tap; see tests/virtio/net) travels in VmState.
+// The destination gives its own vsock socket path (the source still listens on its own until
+// it exits) and its own disk path (here a copy of the image: "this host's storage").
+TEST_F(MigrationTest, VmWithAllDevicesMigratesWithLocalBackends) {
+  REQUIRE_KVM();
+  const std::string img = dir_.File("disk.img"), img2 = dir_.File("disk2.img");
+  ASSERT_EQ(system(("truncate -s 1M " + img + " && truncate -s 1M " + img2).c_str()), 0);
+  StartDestination(dir_.File("dst.sock"),
+                   {"--disk", "path=" + img2 + ",engine=sync", "--vsock",
+                    "cid=7,uds=" + dir_.File("dst.vsock")});
+  StartSource({"--rng", "--disk", "path=" + img + ",serial=d0", "--balloon",
+               "target=8,stats=1,reporting,hinting", "--vsock",
+               "cid=7,uds=" + dir_.File("src.vsock")});
+  MigrationProgress p = Migrate(dir_.File("dst.sock"));
+  ASSERT_EQ(p.phase(), MIGRATION_COMPLETED) << p.error() << Errs();
+  int gen_src = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
+  EXPECT_TRUE(WaitForGeneration(dir_.File("dst.log"), gen_src + 2, absl::Seconds(30))) << Errs();
+  EXPECT_EQ(ReadFileOrEmpty(dir_.File("dst.log")).find("FAIL"), std::string::npos);
+  auto st = src_->Wait(absl::Seconds(10));
+  ASSERT_TRUE(st.has_value()) << Errs();
+  EXPECT_EQ(*st, 0);
+  EXPECT_NE(access(dir_.File("src.vsock").c_str(), F_OK), 0) << "source vsock socket left behind";
+  EXPECT_EQ(access(dir_.File("dst.vsock").c_str(), F_OK), 0) << "destination vsock not listening";
+  dst_->Signal(SIGTERM);
+  EXPECT_TRUE(dst_->Wait(absl::Seconds(10)).has_value());
+}
+
+// Local backends that do not fit the migrating VM are refused before anything runs there; the
+// source keeps running.
+TEST_F(MigrationTest, LocalBackendsThatDoNotFitAreRefused) {
+  REQUIRE_KVM();
+  const std::string img = dir_.File("disk.img");
+  ASSERT_EQ(system(("truncate -s 1M " + img).c_str()), 0);
+  StartDestination(dir_.File("dst.sock"), {"--disk", img, "--disk", img + "2"});
+  StartSource({"--disk", img});
+  MigrationProgress p = Migrate(dir_.File("dst.sock"));
+  EXPECT_EQ(p.phase(), MIGRATION_FAILED) << Errs();
+  EXPECT_NE(p.error().find("1 disks, 2 given here"), std::string::npos) << p.error();
+  auto dst_status = dst_->Wait(absl::Seconds(10));
+  ASSERT_TRUE(dst_status.has_value());
+  EXPECT_EQ(*dst_status, 75);
+  // The source VM still runs.
+  int gen = MaxGeneration(ReadFileOrEmpty(dir_.File("src.log")));
+  EXPECT_TRUE(WaitForGeneration(dir_.File("src.log"), gen + 2, absl::Seconds(30))) << Errs();
 }
 
 TEST_F(MigrationTest, MutualTlsOverTcp) {

@@ -256,6 +256,8 @@ const std::map<std::string, std::string>& FlagSamples() {
       {"--log-level", "warn"},     {"--dirty-tracking", "bitmap"}, {"--prefill", "half"},
       {"--tls-cert", "/c"},        {"--tls-key", "/k"},     {"--tls-ca", "/a"},
       {"--incoming", "/run/in.sock"}, {"--rng", ""},  // "": a switch without a value
+      {"--disk", "path=/d.img,ro"}, {"--net", "tap=tap0"}, {"--balloon", "target=64"},
+      {"--vsock", "cid=3,uds=/run/v.sock"},
   };
   return *m;
 }
@@ -305,6 +307,17 @@ TEST(VmmUsageTest, MentionsOnlyRealFlags) {
           << f << " documented but rejected as unknown";
     }
   }
+  // Repeatable device flags accumulate; the single ones refuse a second use.
+  auto two = ParseVmmArgs({"--kernel", "/k", "--disk", "/a.img", "--disk", "path=/b.img,ro",
+                           "--net", "tap0", "--net", "tap=tap1,mac=52:54:00:00:00:02"});
+  ASSERT_TRUE(two.ok()) << two.status();
+  ASSERT_EQ(two->config.disks_size(), 2);
+  EXPECT_EQ(two->config.disks(1).path(), "/b.img");
+  EXPECT_TRUE(two->config.disks(1).read_only());
+  ASSERT_EQ(two->config.nets_size(), 2);
+  EXPECT_EQ(two->config.nets(1).mac(), "52:54:00:00:00:02");
+  EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--balloon", "on", "--balloon", "on"}).ok());
+  EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--disk", "path=/a,bogus"}).ok());
   // The parser rejects something the usage doesn't mention.
   EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--not-a-flag", "x"}).ok());
 }

@@ -218,5 +218,57 @@ TEST_F(ConfigTest, SerialFileNeedsPath) {
   EXPECT_EQ(c.serial().mode(), SerialConfig::FILE);
 }
 
+TEST_F(ConfigTest, DeviceConfigChecks) {
+  auto with = [&](auto edit) {
+    VmConfig c = TestGuestConfig();
+    edit(c);
+    return c;
+  };
+  VmConfig ok = with([&](VmConfig& c) {
+    c.add_disks()->set_path(kernel_);
+    c.add_nets()->set_tap("tap0");
+    c.mutable_balloon()->set_target_mib(32);
+    c.mutable_vsock()->set_guest_cid(3);
+    c.mutable_vsock()->set_uds_path(dir_ + "v.sock");
+  });
+  EXPECT_TRUE(ValidateAndDefaultConfig(ok).ok());
+  ExpectInvalid(with([&](VmConfig& c) { c.add_disks(); }), "disk without path");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  c.add_disks()->set_path(kernel_);
+                  c.add_disks()->set_path(dir_ + "./config_test_kernel.bin");
+                }),
+                "same file twice");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  DiskConfig* d = c.add_disks();
+                  d->set_path(kernel_);
+                  d->set_serial(std::string(21, 's'));
+                }),
+                "serial > 20 bytes");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  c.add_nets()->set_tap("tap0");
+                  c.add_nets()->set_tap("tap0");
+                }),
+                "tap twice");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  NetConfig* a = c.add_nets();
+                  a->set_tap("tap0");
+                  a->set_mac("52:54:00:00:00:01");
+                  NetConfig* b = c.add_nets();
+                  b->set_tap("tap1");
+                  b->set_mac("52:54:00:00:00:01");
+                }),
+                "MAC twice");
+  ExpectInvalid(with([&](VmConfig& c) { c.mutable_balloon()->set_target_mib(64); }),
+                "balloon as big as RAM");
+  for (uint32_t cid : {0u, 1u, 2u, 0xffffffffu}) {
+    ExpectInvalid(with([&](VmConfig& c) {
+                    c.mutable_vsock()->set_guest_cid(cid);
+                    c.mutable_vsock()->set_uds_path(dir_ + "v.sock");
+                  }),
+                  "reserved CID");
+  }
+  ExpectInvalid(with([&](VmConfig& c) { c.mutable_vsock()->set_guest_cid(3); }), "no uds path");
+}
+
 }  // namespace
 }  // namespace microvmm

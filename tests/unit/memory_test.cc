@@ -2,6 +2,8 @@
 // access (HostPtr/Read/Write), and the VMM-side dirty bitmap. No KVM needed.
 #include "vmm/memory/guest_memory.h"
 
+#include <sys/stat.h>
+
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -216,6 +218,54 @@ TEST(GuestMemoryDirtyTest, MarkDirtyDirectly) {
   EXPECT_TRUE(Pages(mem->TakeDirty(0)).empty());
   mem->MarkDirty(0x3001, 2 * kPageSize);  // 0x3001..0x5000 -> pages 3, 4, 5
   EXPECT_EQ(Pages(mem->TakeDirty(0)), (std::vector<uint64_t>{3, 4, 5}));
+}
+
+}  // namespace
+}  // namespace microvmm
+
+namespace microvmm {
+namespace {
+
+uint64_t AllocatedBytes(int fd) {
+  struct stat st;
+  return ::fstat(fd, &st) == 0 ? static_cast<uint64_t>(st.st_blocks) * 512 : ~0ULL;
+}
+
+TEST(GuestMemoryDiscardTest, ReleasesHostMemoryReadsZeroAndMarksDirty) {
+  auto mem = GuestMemory::Create(16 << 20);
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  GuestMemory& m = **mem;
+  std::vector<uint8_t> pattern(4 * kPageSize, 0xa5);
+  ASSERT_TRUE(m.Write(0x200000, pattern.data(), pattern.size()).ok());
+  (void)m.TakeDirty(0);
+  const int fd = m.regions()[0].memfd.get();
+  uint64_t before = AllocatedBytes(fd);
+  ASSERT_GE(before, 4 * kPageSize);
+
+  ASSERT_TRUE(m.Discard(0x201000, 2 * kPageSize).ok());
+  EXPECT_EQ(AllocatedBytes(fd), before - 2 * kPageSize) << "host memory not released";
+  uint8_t b = 0;
+  ASSERT_TRUE(m.Read(0x200000, &b, 1).ok());
+  EXPECT_EQ(b, 0xa5) << "page before the range must be untouched";
+  ASSERT_TRUE(m.Read(0x201000, &b, 1).ok());
+  EXPECT_EQ(b, 0) << "discarded page must read zero";
+  ASSERT_TRUE(m.Read(0x202fff, &b, 1).ok());
+  EXPECT_EQ(b, 0);
+  ASSERT_TRUE(m.Read(0x203000, &b, 1).ok());
+  EXPECT_EQ(b, 0xa5) << "page after the range must be untouched";
+  EXPECT_FALSE(m.TestDirty(0x200000));
+  EXPECT_TRUE(m.TestDirty(0x201000));
+  EXPECT_TRUE(m.TestDirty(0x202000));
+  EXPECT_FALSE(m.TestDirty(0x203000));
+}
+
+TEST(GuestMemoryDiscardTest, RejectsUnalignedAndOutOfRange) {
+  auto mem = GuestMemory::Create(16 << 20);
+  ASSERT_TRUE(mem.ok());
+  EXPECT_FALSE((*mem)->Discard(0x1001, kPageSize).ok());
+  EXPECT_FALSE((*mem)->Discard(0x1000, 100).ok());
+  EXPECT_FALSE((*mem)->Discard(0x1000, 0).ok());
+  EXPECT_EQ((*mem)->Discard(15 << 20, 2 << 20).code(), absl::StatusCode::kOutOfRange);
 }
 
 }  // namespace

@@ -16,6 +16,10 @@ inline constexpr uint64_t kPd = 0xB000;            // 4 pages: 0xB000..0xEFFF
 inline constexpr uint64_t kCmdline = 0x20000;      // kernel command line / test-guest args
 inline constexpr uint64_t kCmdlineMax = 0x10000;
 inline constexpr uint64_t kEbdaStart = 0x9FC00;    // MP table lives here; e820-reserved to 1 MiB
+// ACPI tables, RSDP first: 0xE0000 is the start of the BIOS area Linux scans for "RSD PTR " (on
+// 16-byte boundaries, 0xE0000-0xFFFFF). e820 type 3 (ACPI); the rest of the hole stays reserved.
+inline constexpr uint64_t kAcpiStart = 0xE0000;
+inline constexpr uint64_t kAcpiSize = 0x10000;     // 0xE0000..0xEFFFF
 inline constexpr uint64_t kHighMemStart = 0x100000;  // kernel / test guest load address
 
 // Selectors of the boot GDT (what Linux expects as __BOOT_CS / __BOOT_DS).

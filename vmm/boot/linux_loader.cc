@@ -209,6 +209,7 @@ absl::StatusOr<LinuxEntry> LoadBzImage(GuestMemory& mem, const LinuxBootSpec& sp
   bp.hdr.cmd_line_ptr = layout::kCmdline;
   bp.ext_cmd_line_ptr = 0;
   bp.hdr.code32_start = load;
+  bp.acpi_rsdp_addr = spec.rsdp_addr;
   if (!spec.initrd.empty()) {
     auto addr = PlaceInitrd(mem, spec.initrd.size(), info->initrd_addr_max, kernel_end);
     if (!addr.ok()) return addr.status();
@@ -256,6 +257,7 @@ absl::StatusOr<LinuxEntry> LoadPvh(GuestMemory& mem, const LinuxBootSpec& spec) 
   si.magic = kHvmStartMagic;
   si.version = 1;
   si.cmdline_paddr = layout::kCmdline;
+  si.rsdp_paddr = spec.rsdp_addr;
   uint64_t cursor = layout::kPvhStartInfo + sizeof(HvmStartInfo);
   if (!spec.initrd.empty()) {
     auto addr = PlaceInitrd(mem, spec.initrd.size(), 0xffffffffULL, info->highest_paddr);

@@ -53,6 +53,10 @@ struct LinuxBootSpec {
   std::span<const uint8_t> kernel;
   std::span<const uint8_t> initrd;  // may be empty
   std::string cmdline;
+  // Guest-physical address of the ACPI RSDP (WriteAcpiTables), 0 = none. Handed to the kernel in
+  // boot_params.acpi_rsdp_addr (boot protocol 2.14+; older kernels ignore it and scan
+  // 0xE0000-0xFFFFF) or hvm_start_info.rsdp_paddr (PVH).
+  uint64_t rsdp_addr = 0;
 };
 
 struct LinuxEntry {
@@ -61,7 +65,8 @@ struct LinuxEntry {
   uint64_t boot_info = 0; // boot_params (RSI) or hvm_start_info (EBX)
 };
 
-// Loads kernel, initrd, command line and boot structures (boot_params / hvm_start_info, e820)
+// Loads kernel, initrd, command line and boot structures (boot_params / hvm_start_info, e820,
+// RSDP pointer)
 // into guest RAM. Returns where the boot vCPU must start.
 absl::StatusOr<LinuxEntry> LoadLinux(GuestMemory& mem, const LinuxBootSpec& spec);
 

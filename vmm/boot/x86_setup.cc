@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "vmm/boot/layout.h"
+#include "vmm/pci/bar_allocator.h"
 
 namespace microvmm {
 namespace {
@@ -200,17 +201,29 @@ kvm_fpu BootFpu() {
 
 std::vector<E820Entry> BuildE820(uint64_t ram_bytes) {
   std::vector<E820Entry> out;
+  static_assert(layout::kEbdaStart < layout::kAcpiStart &&
+                layout::kAcpiStart + layout::kAcpiSize <= layout::kHighMemStart);
+  static_assert(pci::kEcamBase >= kMmioGapStart && pci::kEcamBase + pci::kEcamSize <= kMmioGapEnd);
+  bool ecam_done = false;
+  auto add_ecam = [&] {
+    out.push_back({pci::kEcamBase, pci::kEcamSize, kE820Reserved});
+    ecam_done = true;
+  };
   for (const RamRange& r : RamLayout(ram_bytes)) {
+    if (r.gpa >= kMmioGapEnd && !ecam_done) add_ecam();  // keep the map sorted
     if (r.gpa == 0) {
       out.push_back({0, layout::kEbdaStart, kE820Ram});
-      out.push_back(
-          {layout::kEbdaStart, layout::kHighMemStart - layout::kEbdaStart, kE820Reserved});
+      out.push_back({layout::kEbdaStart, layout::kAcpiStart - layout::kEbdaStart, kE820Reserved});
+      out.push_back({layout::kAcpiStart, layout::kAcpiSize, kE820Acpi});
+      uint64_t acpi_end = layout::kAcpiStart + layout::kAcpiSize;
+      out.push_back({acpi_end, layout::kHighMemStart - acpi_end, kE820Reserved});
       if (r.size > layout::kHighMemStart)
         out.push_back({layout::kHighMemStart, r.size - layout::kHighMemStart, kE820Ram});
     } else {
       out.push_back({r.gpa, r.size, kE820Ram});
     }
   }
+  if (!ecam_done) add_ecam();
   return out;
 }
 

@@ -35,12 +35,15 @@ kvm_fpu BootFpu();
 struct E820Entry {
   uint64_t addr;
   uint64_t size;
-  uint32_t type;  // 1 = RAM, 2 = reserved
+  uint32_t type;  // 1 = RAM, 2 = reserved, 3 = ACPI tables
 };
 inline constexpr uint32_t kE820Ram = 1;
 inline constexpr uint32_t kE820Reserved = 2;
+inline constexpr uint32_t kE820Acpi = 3;
 
-// e820 map: low RAM up to the EBDA, the EBDA..1 MiB hole reserved, RAM from 1 MiB to the MMIO gap,
+// e820 map, sorted: low RAM up to the EBDA; the EBDA..1 MiB hole reserved except the ACPI table
+// area [layout::kAcpiStart, +kAcpiSize) (ACPI); RAM from 1 MiB to the MMIO gap; the PCI ECAM
+// window [pci::kEcamBase, +kEcamSize) reserved (Linux only uses MMCONFIG that is reserved);
 // RAM above 4 GiB. Pure function (unit tested).
 std::vector<E820Entry> BuildE820(uint64_t ram_bytes);
 

@@ -15,11 +15,9 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "vmm/base/fd.h"
+#include "vmm/base/status.h"
 
 namespace microvmm {
-
-// errno-carrying status: "<what>: <strerror>" with a code derived from errno.
-absl::Status ErrnoStatus(int err, absl::string_view what);
 
 // Raw uAPI struct <-> bytes (saved state). FromBytes checks the size.
 template <typename T>

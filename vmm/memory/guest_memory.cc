@@ -1,6 +1,8 @@
 #include "vmm/memory/guest_memory.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -79,6 +81,21 @@ absl::Status GuestMemory::Write(uint64_t gpa, const void* src, uint64_t len) {
   auto p = HostPtr(gpa, len);
   if (!p.ok()) return p.status();
   std::memcpy(*p, src, len);
+  MarkDirty(gpa, len);
+  return absl::OkStatus();
+}
+
+absl::Status GuestMemory::Discard(uint64_t gpa, uint64_t len) {
+  if (gpa % kPageSize != 0 || len % kPageSize != 0 || len == 0)
+    return absl::InvalidArgumentError(
+        absl::StrFormat("discard [0x%x, +0x%x): not page-aligned", gpa, len));
+  const Region* r = FindRegion(gpa, len);
+  if (r == nullptr)
+    return absl::OutOfRangeError(
+        absl::StrFormat("discard [0x%x, +0x%x): not inside one RAM region", gpa, len));
+  if (::fallocate(r->memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                  static_cast<off_t>(gpa - r->gpa), static_cast<off_t>(len)) != 0)
+    return ErrnoStatus(errno, "fallocate(PUNCH_HOLE) on guest memory");
   MarkDirty(gpa, len);
   return absl::OkStatus();
 }

@@ -67,6 +67,12 @@ class GuestMemory {
     return Write(gpa, &v, sizeof(T));
   }
 
+  // Gives the host memory behind [gpa, gpa+len) back (hole punched in the memfd, so every
+  // mapping, KVM's included, reads zeros afterwards) and marks the pages dirty (their content
+  // changed to zero as far as migration is concerned). `gpa` and `len` must be page-aligned and
+  // the range inside one RAM region.
+  absl::Status Discard(uint64_t gpa, uint64_t len);
+
   // VMM-side dirty bitmap (device DMA and loader writes).
   void MarkDirty(uint64_t gpa, uint64_t len);
   bool TestDirty(uint64_t gpa) const;
