@@ -526,7 +526,7 @@ absl::Status VmImpl::SetupVirtioDevices() {
     o.uds_path = config_.vsock().uds_path();
     auto dev = virtio::VirtioVsock::Create(o, mem_.get(), loop_.get());
     if (!dev.ok())
-      return absl::Status(dev.status().code(), absl::StrCat("vsock: ", dev.status().message()));
+      return dev.status();
     if (absl::Status s = AddVirtio("vsock", std::move(*dev)); !s.ok()) return s;
   }
   return absl::OkStatus();
@@ -916,9 +916,17 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
     if (!taps.insert(n.tap()).second)
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": tap '", n.tap(), "' is already used by another net device"));
-    if (!n.mac().empty() && !macs.insert(absl::AsciiStrToLower(n.mac())).second)
-      return absl::InvalidArgumentError(
-          absl::StrCat(what, ": MAC ", n.mac(), " is already used by another net device"));
+    // Compared as addresses (52-54-00-.. == 52:54:00:..), defaults included.
+    virtio::MacAddress mac = virtio::DefaultMac(n.tap());
+    if (!n.mac().empty()) {
+      auto parsed = virtio::ParseMac(n.mac());
+      if (!parsed.ok())
+        return absl::InvalidArgumentError(absl::StrCat(what, ": ", parsed.status().message()));
+      mac = *parsed;
+    }
+    if (!macs.insert(virtio::FormatMac(mac)).second)
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, ": MAC ", virtio::FormatMac(mac), " is already used by another net device"));
   }
   if (c.has_balloon() && c.balloon().target_mib() >= c.memory_mib())
     return absl::InvalidArgumentError(absl::StrFormat(

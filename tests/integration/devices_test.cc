@@ -253,9 +253,10 @@ TEST_F(DevicesTest, VsockSocketAndTapLiveAsLongAsTheVmm) {
       << ReadFileOrEmpty(dir_.File("stderr"));
   EXPECT_TRUE(IsSocket(vsock)) << vsock;
   EXPECT_TRUE(CanConnect(vsock)) << "nobody listens on " << vsock;
-  if (with_tap)
+  if (with_tap) {
     EXPECT_EQ(std::system(absl::StrCat("ip link show ", taps[0], " >/dev/null 2>&1").c_str()), 0)
         << "tap " << taps[0] << " does not exist while the VM runs";
+  }
 
   p.Signal(SIGTERM);
   std::optional<int> status = p.Wait(absl::Seconds(20));

@@ -258,6 +258,21 @@ TEST_F(ConfigTest, DeviceConfigChecks) {
                   b->set_mac("52:54:00:00:00:01");
                 }),
                 "MAC twice");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  NetConfig* a = c.add_nets();
+                  a->set_tap("tap0");
+                  a->set_mac("52:54:00:12:34:56");
+                  NetConfig* b = c.add_nets();
+                  b->set_tap("tap1");
+                  b->set_mac("52-54-00-12-34-56");
+                }),
+                "same MAC in another notation");
+  ExpectInvalid(with([&](VmConfig& c) {
+                  NetConfig* a = c.add_nets();
+                  a->set_tap("tap0");
+                  a->set_mac("01:00:5e:00:00:01");
+                }),
+                "multicast MAC");
   ExpectInvalid(with([&](VmConfig& c) { c.mutable_balloon()->set_target_mib(64); }),
                 "balloon as big as RAM");
   for (uint32_t cid : {0u, 1u, 2u, 0xffffffffu}) {

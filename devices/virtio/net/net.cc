@@ -62,19 +62,23 @@ uint32_t TunOffloadFor(uint64_t features) {
 }  // namespace
 
 absl::StatusOr<MacAddress> ParseMac(absl::string_view text) {
-  auto bad = [&](absl::string_view why) {
+  auto bad_syntax = [&](absl::string_view why) {
     return absl::InvalidArgumentError(
         absl::StrCat("invalid MAC address '", text, "': ", why,
                      " (expected six hex pairs like 52:54:00:12:34:56)"));
   };
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("invalid MAC address '", text, "': ", why, " (a guest needs a unicast one)"));
+  };
   const char sep = text.find('-') != absl::string_view::npos ? '-' : ':';
   std::vector<absl::string_view> parts = absl::StrSplit(text, sep);
-  if (parts.size() != 6) return bad(absl::StrCat(parts.size(), " groups instead of 6"));
+  if (parts.size() != 6) return bad_syntax(absl::StrCat(parts.size(), " groups instead of 6"));
   MacAddress mac{};
   for (size_t i = 0; i < 6; ++i) {
     if (parts[i].size() != 2 || !absl::ascii_isxdigit(parts[i][0]) ||
         !absl::ascii_isxdigit(parts[i][1]))
-      return bad(absl::StrCat("group ", i + 1, " '", parts[i], "' is not two hex digits"));
+      return bad_syntax(absl::StrCat("group ", i + 1, " '", parts[i], "' is not two hex digits"));
     auto nib = [](char c) {
       return absl::ascii_isdigit(c) ? c - '0' : absl::ascii_tolower(c) - 'a' + 10;
     };
