@@ -133,8 +133,21 @@ grpc::Status ApiServer::CancelMigration(grpc::ServerContext*, const CancelMigrat
   absl::MutexLock lock(&mu_);
   if (migration_ == nullptr || migration_->done())
     return FailedPrecondition("no migration is running");
+  MigrationPhase phase = migration_->progress().phase();
+  if (phase == MIGRATION_POSTCOPY)
+    return FailedPrecondition(
+        "the migration is in post-copy: the VM runs at the destination and needs the pages "
+        "still here, so it cannot be cancelled");
   migration_->Cancel();
   return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::StartPostcopy(grpc::ServerContext*, const StartPostcopyRequest*,
+                                      StartPostcopyResponse*) {
+  absl::MutexLock lock(&mu_);
+  if (migration_ == nullptr || migration_->done())
+    return FailedPrecondition("no migration is running");
+  return ToGrpcStatus(migration_->StartPostcopy());
 }
 
 grpc::Status ApiServer::WatchMigration(grpc::ServerContext* context,
@@ -323,6 +336,7 @@ grpc::Status ApiServer::GetInfo(grpc::ServerContext*, const GetInfoRequest*, VmI
   }
   *info->mutable_config() = config;
   for (DeviceStatus& d : vm_->DeviceStatuses()) *info->add_devices() = std::move(d);
+  info->set_migration_note(vm_->migration_note());
   return grpc::Status::OK;
 }
 

@@ -60,6 +60,8 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
                                      ShutdownResponse* response) override;
   grpc::Status GetInfo(grpc::ServerContext* context, const GetInfoRequest* request,
                        VmInfo* response) override;
+  grpc::Status StartPostcopy(grpc::ServerContext* context, const StartPostcopyRequest* request,
+                             StartPostcopyResponse* response) override;
   grpc::Status SetBalloon(grpc::ServerContext* context, const SetBalloonRequest* request,
                           SetBalloonResponse* response) override;
   grpc::Status GetBalloonStats(grpc::ServerContext* context,

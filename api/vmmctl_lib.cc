@@ -44,6 +44,7 @@ constexpr struct {
     {Command::kInfo, "info"},
     {Command::kMigrate, "migrate"},
     {Command::kMigrateCancel, "migrate-cancel"},
+    {Command::kMigratePostcopy, "migrate-postcopy"},
     {Command::kMigrateStatus, "migrate-status"},
     {Command::kReceive, "receive"},
     {Command::kBalloon, "balloon"},
@@ -93,6 +94,7 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
     case Command::kMigrate:
       return {{"--to", true},      {"--downtime-ms", true},    {"--bandwidth", true},
               {"--streams", true}, {"--max-iterations", true}, {"--no-wait", false},
+              {"--postcopy", false}, {"--postcopy-after", true},
               {"--json", false}};
     case Command::kReceive:
       return {{"--listen", true}, {"--serial", true}, {"--disk", true}, {"--net", true},
@@ -395,6 +397,15 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
         return s;
       }
       options.migration.set_streams(streams);
+    } else if (name == "--postcopy") {
+      options.migration.set_mode(StartMigrationRequest::POSTCOPY);
+    } else if (name == "--postcopy-after") {
+      uint32_t n = 0;
+      if (absl::Status s = ParseUint32Flag(name, *value, 1, "a whole number of passes >= 1", &n);
+          !s.ok()) {
+        return s;
+      }
+      options.migration.set_postcopy_after_iterations(n);
     } else if (name == "--max-iterations") {
       uint32_t iterations = 0;
       if (absl::Status s = ParseUint32Flag(
@@ -571,21 +582,23 @@ std::string GeneralHelp() {
       "  --help, -h          show help (of a command after it) and exit.\n"
       "\n"
       "commands:\n"
-      "  create          build the VM from a configuration (nothing runs yet)\n"
-      "  boot            start the vCPUs of a created VM\n"
-      "  pause           stop every vCPU of a running VM\n"
-      "  resume          restart the vCPUs of a paused VM\n"
-      "  shutdown        stop the VM for good; the VMM process then exits\n"
-      "  info            show the VM state, size, uptime, exit status and configuration\n"
-      "  migrate         live-migrate the running VM to another VMM and follow it\n"
-      "  migrate-cancel  stop the running migration (the VM stays here)\n"
-      "  migrate-status  show the progress or outcome of the last migration\n"
-      "  receive         make a VMM without a VM wait for an incoming migration\n"
-      "  balloon         set the virtio-balloon target (memory taken from the guest)\n"
-      "  balloon-stats   show the balloon and the guest's memory statistics\n"
+      "  create            build the VM from a configuration (nothing runs yet)\n"
+      "  boot              start the vCPUs of a created VM\n"
+      "  pause             stop every vCPU of a running VM\n"
+      "  resume            restart the vCPUs of a paused VM\n"
+      "  shutdown          stop the VM for good; the VMM process then exits\n"
+      "  info              show the VM state, size, uptime, exit status and configuration\n"
+      "  migrate           live-migrate the running VM to another VMM and follow it\n"
+      "  migrate-postcopy  switch the running migration to post-copy\n"
+      "  migrate-cancel    stop the running migration (the VM stays here)\n"
+      "  migrate-status    show the progress or outcome of the last migration\n"
+      "  receive           make a VMM without a VM wait for an incoming migration\n"
+      "  balloon           set the virtio-balloon target (memory taken from the guest)\n"
+      "  balloon-stats     show the balloon and the guest's memory statistics\n"
       "\n",
       CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo), "\n",
-      CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigrateCancel), "\n",
+      CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigratePostcopy), "\n",
+      CommandHelp(Command::kMigrateCancel), "\n",
       CommandHelp(Command::kMigrateStatus), "\n", CommandHelp(Command::kReceive),
       "\n"
       "exit status: 0 success, 1 the call failed (printed as 'vmmctl: CODE: message') or the\n"
@@ -650,11 +663,19 @@ std::string CommandHelp(Command command) {
              "  --streams N             parallel page streams (default of the VMM: 2, max 16)\n"
              "  --max-iterations N      switch over after N pre-copy iterations even if the\n"
              "                          downtime limit is not met (default 0: unlimited)\n"
+             "  --postcopy              pure post-copy: hand the VM over at once; the\n"
+             "                          destination pulls pages on demand (per vCPU) while the\n"
+             "                          rest is pushed\n"
+             "  --postcopy-after N      pre-copy, then post-copy if not converged after N passes\n"
+             "                          (also at any time: vmmctl migrate-postcopy)\n"
              "  --no-wait               only start it: print the migration id and exit\n"
              "  --json                  print the final MigrationProgress as JSON (proto field\n"
              "                          names) instead of the summary, and no progress lines\n"
              "                          when not on a terminal (with --no-wait: the\n"
              "                          StartMigrationResponse)\n";
+    case Command::kMigratePostcopy:
+      return "vmmctl --socket PATH migrate-postcopy: switch the running pre-copy migration to\n"
+             "post-copy now (StartPostcopy). No flags.\n";
     case Command::kMigrateCancel:
       return "vmmctl --socket PATH migrate-cancel: stop the running migration (CancelMigration).\n"
              "The VM keeps running on this VMM; a migration past the point of no return (the\n"
@@ -711,6 +732,8 @@ std::string FormatVmInfo(const VmInfo& info) {
     }
   }
   absl::StrAppendFormat(&out, "serial:      %s\n", SerialText(c.serial()));
+  if (!info.migration_note().empty())
+    absl::StrAppendFormat(&out, "migration:   %s\n", info.migration_note());
   for (const DeviceStatus& d : info.devices()) {
     absl::StrAppendFormat(&out, "device:      virtio-%s at %s, status 0x%02x, kicks %u (%u trapped)\n",
                           d.kind(), d.pci_address(), d.device_status(),
@@ -818,6 +841,10 @@ std::string FormatMigrationSummary(const MigrationProgress& p) {
   line("bytes sent", absl::StrFormat("%u (%.1f MiB)", p.bytes_sent(), Mib(p.bytes_sent())));
   line("pages sent", absl::StrCat(p.pages_sent()));
   line("zero pages", absl::StrCat(p.zero_pages()));
+  if (p.free_page_hint_bytes() != 0 || p.free_page_skipped_bytes() != 0)
+    line("free-page hints", absl::StrFormat("%.1f MiB hinted free, %.1f MiB not sent",
+                                            Mib(p.free_page_hint_bytes()),
+                                            Mib(p.free_page_skipped_bytes())));
   // `iteration` counts the pre-copy passes; the switchover sends the last pages in one more.
   line("iterations", p.phase() == MIGRATION_COMPLETED || p.phase() == MIGRATION_SWITCHOVER
                          ? absl::StrCat(p.iteration(), " pre-copy + switchover")
@@ -829,6 +856,17 @@ std::string FormatMigrationSummary(const MigrationProgress& p) {
     line("expected downtime", p.bandwidth_bytes_per_s() == 0
                                   ? std::string("? (no bandwidth measured yet)")
                                   : absl::StrCat(p.expected_downtime_ms(), " ms"));
+  }
+  if (p.postcopy()) {
+    const PostcopyStats& pc = p.postcopy_stats();
+    line("post-copy", absl::StrFormat("%u pages pulled on demand, %u pushed, %u still missing",
+                                      pc.pulled(), pc.pushed(), pc.missing_pages()));
+    for (const LaneStats& l : pc.lanes()) {
+      if (l.faults() == 0) continue;
+      line(l.lane() < 0 ? std::string("  VMM faults") : absl::StrCat("  vCPU ", l.lane(), " faults"),
+           absl::StrFormat("%u, latency p50 %.0f us / p99 %.0f us, blocked %.1f ms", l.faults(),
+                           l.p50_us(), l.p99_us(), l.blocked_ms()));
+    }
   }
   line("dirty tracking", p.dirty_tracking().empty() ? "-" : p.dirty_tracking());
   if (p.ram_bytes() != 0) line("RAM", absl::StrFormat("%.0f MiB", Mib(p.ram_bytes())));
@@ -1061,6 +1099,11 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       VmInfo info;
       status = stub->GetInfo(&context, GetInfoRequest(), &info);
       if (status.ok()) out << (options.json ? FormatVmInfoJson(info) : FormatVmInfo(info));
+      break;
+    }
+    case Command::kMigratePostcopy: {
+      StartPostcopyResponse response;
+      status = stub->StartPostcopy(&context, StartPostcopyRequest(), &response);
       break;
     }
     case Command::kMigrateCancel: {

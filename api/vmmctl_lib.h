@@ -26,6 +26,7 @@ enum class Command {
   kInfo,
   kMigrate,
   kMigrateCancel,
+  kMigratePostcopy,
   kMigrateStatus,
   kReceive,
   kBalloon,

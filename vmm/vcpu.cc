@@ -2,9 +2,15 @@
 
 #include <errno.h>
 #include <signal.h>
+#include <fcntl.h>
 #include <string.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <string_view>
 
 #include "absl/strings/str_format.h"
+#include "vmm/base/fd.h"
 #include "vmm/base/log.h"
 #include "vmm/exit_status.h"
 
@@ -13,6 +19,20 @@ namespace {
 constexpr int kKickSignal = SIGUSR1;
 void KickHandler(int) {}
 thread_local Vcpu* t_current = nullptr;
+
+// Production exit source: KVM_RUN on the vCPU fd and its mmap'ed kvm_run.
+class KvmExitSource final : public ExitSource {
+ public:
+  explicit KvmExitSource(KvmVcpu vcpu) : vcpu_(std::move(vcpu)) {}
+  int Run() override { return vcpu_.Run(); }
+  kvm_run* run() override { return vcpu_.run(); }
+  absl::StatusOr<kvm_regs> GetRegs() override { return vcpu_.GetRegs(); }
+  absl::StatusOr<kvm_sregs> GetSregs() override { return vcpu_.GetSregs(); }
+  KvmVcpu& vcpu() { return vcpu_; }
+
+ private:
+  KvmVcpu vcpu_;
+};
 }  // namespace
 
 Vcpu* CurrentVcpu() { return t_current; }
@@ -28,12 +48,29 @@ void InstallVcpuKickSignal() {
   });
 }
 
-Vcpu::Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop, RingFullFn on_ring_full)
-    : kvm_(std::move(kvm)),
+Vcpu::Vcpu(KvmVcpu kvm, const Bus* pio, const Bus* mmio, StopFn on_stop, RingFullFn on_ring_full,
+           MemoryFaultFn on_memory_fault)
+    : source_(std::make_unique<KvmExitSource>(std::move(kvm))),
+      kvm_(&static_cast<KvmExitSource&>(*source_).vcpu()),
+      run_(source_->run()),
+      id_(kvm_->id()),
       pio_(pio),
       mmio_(mmio),
       on_stop_(std::move(on_stop)),
-      on_ring_full_(std::move(on_ring_full)) {}
+      on_ring_full_(std::move(on_ring_full)),
+      on_memory_fault_(std::move(on_memory_fault)) {}
+
+Vcpu::Vcpu(int id, std::unique_ptr<ExitSource> source, const Bus* pio, const Bus* mmio,
+           StopFn on_stop, RingFullFn on_ring_full, MemoryFaultFn on_memory_fault)
+    : source_(std::move(source)),
+      kvm_(nullptr),
+      run_(source_->run()),
+      id_(id),
+      pio_(pio),
+      mmio_(mmio),
+      on_stop_(std::move(on_stop)),
+      on_ring_full_(std::move(on_ring_full)),
+      on_memory_fault_(std::move(on_memory_fault)) {}
 
 Vcpu::~Vcpu() {
   RequestStop();
@@ -43,19 +80,44 @@ Vcpu::~Vcpu() {
 void Vcpu::Start() {
   InstallVcpuKickSignal();
   thread_ = std::thread([this] { Loop(); });
-  tid_ = thread_.native_handle();
+  pthread_ = thread_.native_handle();
+  // Publish the Linux tid before returning, so tid() is valid for whoever starts post-copy.
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [this] { return linux_tid_.load(std::memory_order_relaxed) != 0; });
 }
 
 void Vcpu::Kick() {
-  kvm_.SetImmediateExit(true);
-  if (thread_.joinable()) pthread_kill(tid_, kKickSignal);
+  run_->immediate_exit = 1;
+  if (thread_.joinable()) pthread_kill(pthread_, kKickSignal);
 }
 
 void Vcpu::RequestPause() {
   std::lock_guard lock(mu_);
   if (exited_) return;
   pause_requested_ = true;
-  Kick();
+  if (!BlockedOnMissingPage()) Kick();  // a blocked one parks at its next exit
+}
+
+bool Vcpu::WaitPausedFor(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  return cv_.wait_for(lock, timeout, [this] { return parked_ || exited_ || !thread_.joinable(); });
+}
+
+bool Vcpu::paused() const {
+  std::lock_guard lock(mu_);
+  return parked_ || exited_ || !thread_.joinable();
+}
+
+bool Vcpu::BlockedOnMissingPage() const {
+  pid_t tid = linux_tid_.load(std::memory_order_acquire);
+  if (tid == 0) return false;
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/self/task/%d/wchan", static_cast<int>(tid));
+  ScopedFd fd(::open(path, O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) return false;
+  char buf[64] = {};
+  ssize_t n = ::read(fd.get(), buf, sizeof(buf) - 1);
+  return n > 0 && std::string_view(buf, static_cast<size_t>(n)) == "handle_userfault";
 }
 
 void Vcpu::WaitPaused() {
@@ -83,6 +145,11 @@ void Vcpu::Join() {
 
 void Vcpu::Loop() {
   t_current = this;
+  {
+    std::lock_guard lock(mu_);
+    linux_tid_.store(::gettid(), std::memory_order_release);
+    cv_.notify_all();
+  }
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -90,19 +157,22 @@ void Vcpu::Loop() {
         // Complete a pending port/MMIO read before parking so saved registers are consistent
         // (KVM finishes the emulated instruction on the next KVM_RUN; immediate_exit makes that
         // run return at once).
-        kvm_.SetImmediateExit(true);
-        (void)kvm_.Run();
+        run_->immediate_exit = 1;
+        (void)source_->Run();
         parked_ = true;
         cv_.notify_all();
         cv_.wait(lock, [this] { return !pause_requested_ || stop_requested_; });
         parked_ = false;
       }
       if (stop_requested_) break;
-      kvm_.SetImmediateExit(false);
+      run_->immediate_exit = 0;
     }
-    int r = kvm_.Run();
+    int r = source_->Run();
     if (r == -EINTR || r == -EAGAIN) continue;  // kicked: re-check the flags
-    if (r < 0) {
+    // KVM_EXIT_MEMORY_FAULT is the one exit KVM reports with KVM_RUN failing (EFAULT, or
+    // EHWPOISON); for any other errno exit_reason is stale and the run really failed.
+    if (r < 0 && !((r == -EFAULT || r == -EHWPOISON) &&
+                   run_->exit_reason == KVM_EXIT_MEMORY_FAULT)) {
       on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: KVM_RUN failed: %s", id(), strerror(-r))});
       break;
     }
@@ -114,7 +184,7 @@ void Vcpu::Loop() {
 }
 
 bool Vcpu::HandleExit() {
-  kvm_run* run = kvm_.run();
+  kvm_run* run = run_;
   switch (run->exit_reason) {
     case KVM_EXIT_IO: {
       uint8_t* data = reinterpret_cast<uint8_t*>(run) + run->io.data_offset;
@@ -152,6 +222,8 @@ bool Vcpu::HandleExit() {
       }
       on_stop_({kExitVmmError, absl::StrFormat("vCPU %d: dirty ring full, no handler", id())});
       return false;
+    case KVM_EXIT_MEMORY_FAULT:
+      return HandleMemoryFault();
     case KVM_EXIT_HLT:
       // Only seen without an in-kernel LAPIC; nothing can wake us then.
       on_stop_({kExitOk, absl::StrFormat("vCPU %d halted", id())});
@@ -188,9 +260,39 @@ bool Vcpu::HandleExit() {
   }
 }
 
+bool Vcpu::HandleMemoryFault() {
+  const kvm_memory_fault_exit f = *KvmRunMemoryFault(run_);
+  // KVM leaves exit_reason alone when a later KVM_RUN fails for another reason: forget this exit
+  // so a plain EFAULT afterwards is not taken for a second memory fault.
+  run_->exit_reason = KVM_EXIT_UNKNOWN;
+  if (!(f.flags & KVM_MEMORY_EXIT_FLAG_USERFAULT)) {
+    // Not ours to resolve (e.g. a private/shared mismatch or an unmappable host page).
+    on_stop_({kExitKvmError,
+              absl::StrFormat("vCPU %d: KVM could not map guest memory: memory fault exit at gpa "
+                              "0x%x size 0x%x flags 0x%x (not a userfault)\n%s",
+                              id_, f.gpa, f.size, f.flags, DumpRegisters())});
+    return false;
+  }
+  if (!on_memory_fault_) {
+    on_stop_({kExitVmmError,
+              absl::StrFormat("vCPU %d: post-copy userfault at gpa 0x%x size 0x%x but no memory "
+                              "fault handler is installed\n%s",
+                              id_, f.gpa, f.size, DumpRegisters())});
+    return false;
+  }
+  // On this thread: the vCPU fetches its own page (no shared fault queue), then re-enters.
+  if (absl::Status s = on_memory_fault_(id_, f.gpa, f.size, f.flags); !s.ok()) {
+    on_stop_({kExitVmmError,
+              absl::StrFormat("post-copy: page 0x%x could not be fetched: %s (vCPU %d)", f.gpa,
+                              s.message(), id_)});
+    return false;
+  }
+  return true;
+}
+
 std::string Vcpu::DumpRegisters() {
-  auto regs = kvm_.GetRegs();
-  auto sregs = kvm_.GetSregs();
+  auto regs = source_->GetRegs();
+  auto sregs = source_->GetSregs();
   if (!regs.ok() || !sregs.ok()) return "  (registers unavailable)";
   const kvm_regs& r = *regs;
   const kvm_sregs& s = *sregs;

@@ -163,9 +163,35 @@ class VmImpl : public Vm {
   absl::Status RestoreState(const VmState& state) override;
   GuestMemory& memory() override { return *mem_; }
   migration::DirtyTracker& dirty_tracker() override { return *tracker_; }
+  std::vector<pid_t> VcpuThreadIds() const override {
+    std::vector<pid_t> out;
+    for (const auto& v : vcpus_) out.push_back(v->tid());
+    return out;
+  }
+  void SetMigrationNote(const std::string& note) override {
+    std::lock_guard lock(mu_);
+    migration_note_ = note;
+  }
+  std::string migration_note() const override {
+    std::lock_guard lock(mu_);
+    return migration_note_;
+  }
   std::vector<DeviceStatus> DeviceStatuses() const override;
   absl::Status SetBalloonTarget(uint64_t target_mib) override;
   absl::StatusOr<BalloonStatus> GetBalloonStatus() override;
+  absl::StatusOr<uint32_t> StartFreePageHints(virtio::FreePageHintSink* sink) override {
+    if (balloon_ == nullptr || !config_.balloon().free_page_hinting())
+      return absl::FailedPreconditionError("the VM has no virtio-balloon with free-page hinting");
+    return balloon_->StartFreePageHinting(sink);
+  }
+  void StopFreePageHints() override {
+    if (balloon_ != nullptr && config_.balloon().free_page_hinting())
+      balloon_->StopFreePageHinting();
+  }
+  void FinishFreePageHints() override {
+    if (balloon_ != nullptr && config_.balloon().free_page_hinting())
+      balloon_->FinishFreePageHinting();
+  }
   void MarkMigrated(const std::string& reason) override {
     RequestExit(kExitOk, reason);
     StopAll();
@@ -240,6 +266,7 @@ class VmImpl : public Vm {
   std::optional<VmExit> exit_;
   absl::Time boot_time_ = absl::InfinitePast();
   absl::Time exit_time_ = absl::InfinitePast();
+  std::string migration_note_;
 };
 
 absl::Status VmImpl::Build() {
@@ -686,7 +713,17 @@ absl::Status VmImpl::Pause() {
   std::lock_guard lock(mu_);
   if (absl::Status s = CheckState(RunState::kRunning, "pause"); !s.ok()) return s;
   for (auto& v : vcpus_) v->RequestPause();
-  for (auto& v : vcpus_) v->WaitPaused();
+  // Wait until every vCPU is parked. One waiting for a post-copy page in the kernel runs no guest
+  // code; it is not kicked (see Vcpu::BlockedOnMissingPage) and parks at its next exit.
+  for (;;) {
+    bool all = true;
+    for (auto& v : vcpus_) {
+      if (v->paused() || v->BlockedOnMissingPage()) continue;
+      all = false;
+      if (!v->WaitPausedFor(std::chrono::milliseconds(5))) v->RequestPause();  // kick again
+    }
+    if (all) break;
+  }
   // Then the devices: no handler runs, and nothing a device started still writes guest memory.
   loop_->Pause();
   for (VirtioSlot& v : virtio_) v.device->Quiesce();

@@ -3,6 +3,8 @@
 #ifndef MICROVMM_VMM_VM_H_
 #define MICROVMM_VMM_VM_H_
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -22,6 +24,9 @@ namespace microvmm {
 class GuestMemory;
 namespace migration {
 class DirtyTracker;
+}
+namespace virtio {
+class FreePageHintSink;
 }
 
 enum class RunState { kCreated, kRunning, kPaused, kExited };
@@ -66,12 +71,25 @@ class Vm {
   // The VM now runs elsewhere: EXITED with status 0 and `reason`; vCPUs stopped.
   virtual void MarkMigrated(const std::string& reason) = 0;
 
+  // Linux thread ids of the vCPU threads, by vCPU index (0 for a vCPU whose thread has not
+  // started). Post-copy attributes memory faults to vCPUs with them.
+  virtual std::vector<pid_t> VcpuThreadIds() const = 0;
+  // A line about the VM's migration state for the API (e.g. why an incoming post-copy stopped).
+  virtual void SetMigrationNote(const std::string& note) = 0;
+  virtual std::string migration_note() const = 0;
+
   // Virtio devices on the PCI bus, in configuration order.
   virtual std::vector<DeviceStatus> DeviceStatuses() const = 0;
   // virtio-balloon. FailedPrecondition if the VM has none; InvalidArgument for a target not
   // below guest RAM.
   virtual absl::Status SetBalloonTarget(uint64_t target_mib) = 0;
   virtual absl::StatusOr<BalloonStatus> GetBalloonStatus() = 0;
+  // Free-page hinting through the virtio-balloon (live migration). Start: FailedPrecondition
+  // unless the VM has a balloon with hinting; returns the command id. Stop (the guest should
+  // stop sending) and Finish (the guest may reuse the hinted pages) are no-ops without one.
+  virtual absl::StatusOr<uint32_t> StartFreePageHints(virtio::FreePageHintSink* sink) = 0;
+  virtual void StopFreePageHints() = 0;
+  virtual void FinishFreePageHints() = 0;
 
   // Blocks until the VM has exited (guest reset, crash, Shutdown()).
   virtual VmExit WaitForExit() = 0;

@@ -1,5 +1,8 @@
 #include "migration/precopy/destination.h"
 
+#include <cstring>
+#include <thread>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -13,7 +16,12 @@ namespace microvmm::migration {
 MigrationDestination::MigrationDestination(VmConfig local, DoneFn done)
     : local_(std::move(local)), done_(std::move(done)) {}
 
-MigrationDestination::~MigrationDestination() = default;
+MigrationDestination::~MigrationDestination() {
+  // A post-copy that never completed leaves guest threads blocked on missing pages. Closing the
+  // userfaultfds would let the kernel zero-fill those pages under a guest that may still run, so
+  // the memory layer is deliberately left alive until the process exits.
+  if (postcopy_ != nullptr && !postcopy_->complete()) (void)postcopy_.release();
+}
 
 void MigrationDestination::Finish(absl::StatusOr<std::unique_ptr<Vm>> result) {
   {
@@ -45,6 +53,8 @@ absl::Status MigrationDestination::AcceptHeader(const MigrationHeader& h) {
       return absl::FailedPreconditionError(absl::StrFormat(
           "memory region %d is [0x%x,+0x%x) at the source, [0x%x,+0x%x) here", i,
           h.regions(i).gpa(), h.regions(i).size(), want[i].gpa, want[i].size));
+  lanes_.clear();
+  for (uint32_t i = 0; i <= h.config().vcpus(); ++i) lanes_.push_back(std::make_unique<Lane>());
   VmConfig config = h.config();
   if (absl::Status s = ApplyLocalSettings(config, local_); !s.ok()) return s;
   auto vm = Vm::CreateIncoming(config);
@@ -53,9 +63,11 @@ absl::Status MigrationDestination::AcceptHeader(const MigrationHeader& h) {
                         absl::StrCat("cannot build the incoming VM: ", vm.status().message()));
   absl::MutexLock lock(&mu_);
   vm_ = std::move(*vm);
+  vm_raw_ = vm_.get();
   received_pages_ = std::make_unique<ReceivedPages>(vm_->memory());
   migration_id_ = h.migration_id();
   streams_ = h.page_streams();
+  precopy_streams_ = streams_;
   received_.assign(streams_, 0);
   stream_state_.assign(streams_, 0);
   return absl::OkStatus();
@@ -101,32 +113,15 @@ absl::Status MigrationDestination::RunControl(
   if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
   if (msg.has_abort())
     return absl::AbortedError(absl::StrCat("source aborted: ", msg.abort().reason()));
-  if (!msg.has_complete()) return absl::InvalidArgumentError("expected Complete");
-  const Complete& c = msg.complete();
-  {
-    absl::MutexLock lock(&mu_);
-    if (static_cast<uint32_t>(c.pages_per_stream_size()) != streams_)
-      return absl::InvalidArgumentError("Complete has the wrong number of stream counts");
-    // Every page stream must have been closed by the source with exactly the promised pages.
-    auto all_closed = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-      if (!page_error_.empty()) return true;
-      for (int st : stream_state_)
-        if (st != 2) return false;
-      return pages_in_progress_ == 0;
-    };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&all_closed), absl::Seconds(30)))
-      return absl::DeadlineExceededError("page streams did not finish");
-    if (!page_error_.empty()) return absl::InvalidArgumentError(page_error_);
-    for (uint32_t i = 0; i < streams_; ++i)
-      if (received_[i] != c.pages_per_stream(i))
-        return absl::DataLossError(absl::StrFormat(
-            "stream %d: received %d pages, source sent %d", i, received_[i], c.pages_per_stream(i)));
-  }
   Vm* vm;
   {
     absl::MutexLock lock(&mu_);
     vm = vm_.get();
   }
+  if (msg.has_start_postcopy()) return RunPostcopy(stream, msg.start_postcopy(), vm);
+  if (!msg.has_complete()) return absl::InvalidArgumentError("expected Complete");
+  const Complete& c = msg.complete();
+  if (absl::Status s = WaitStreamsClosed(0, c.pages_per_stream()); !s.ok()) return s;
   if (absl::Status s = vm->RestoreState(c.state()); !s.ok()) return s;
   reply.Clear();
   reply.mutable_ready();
@@ -150,12 +145,57 @@ absl::Status MigrationDestination::RunControl(
   return absl::OkStatus();
 }
 
+absl::Status MigrationDestination::WaitStreamsClosed(
+    uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts) {
+  absl::MutexLock lock(&mu_);
+  if (first + static_cast<uint32_t>(counts.size()) != streams_)
+    return absl::InvalidArgumentError("wrong number of page stream counts");
+  // Every page stream must have been closed by the source with exactly the promised pages.
+  auto all_closed = [this, first]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!page_error_.empty()) return true;
+    for (uint32_t i = first; i < streams_; ++i)
+      if (stream_state_[i] != 2) return false;
+    return pages_in_progress_ == 0;
+  };
+  if (!mu_.AwaitWithTimeout(absl::Condition(&all_closed), absl::Seconds(30)))
+    return absl::DeadlineExceededError("page streams did not finish");
+  if (!page_error_.empty()) return absl::InvalidArgumentError(page_error_);
+  for (uint32_t i = first; i < streams_; ++i)
+    if (received_[i] != counts.Get(i - first))
+      return absl::DataLossError(absl::StrFormat("stream %d: received %d pages, source sent %d",
+                                                 i, received_[i], counts.Get(i - first)));
+  return absl::OkStatus();
+}
+
+namespace {
+
+// A post-copy page (pushed or answered on a lane) into `pc`: validated like DecodePageInto.
+absl::Status InstallRecord(const PageRecord& rec, const GuestMemory& mem, PostcopyMemory& pc) {
+  if (rec.gpa() % kPageSize != 0 || !mem.Contains(rec.gpa(), kPageSize))
+    return absl::InvalidArgumentError(absl::StrFormat("page 0x%x outside guest RAM", rec.gpa()));
+  absl::StatusOr<bool> r;
+  if (rec.codec() == RAW && rec.data().size() == kPageSize) {
+    r = pc.Install(rec.gpa(), std::span<const uint8_t>(
+                                  reinterpret_cast<const uint8_t*>(rec.data().data()), kPageSize));
+  } else if (rec.codec() == ZERO && rec.data().empty()) {
+    r = pc.InstallZero(rec.gpa());
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("page 0x%x: bad codec %d / length %d", rec.gpa(), rec.codec(),
+                        rec.data().size()));
+  }
+  return r.status();
+}
+
+}  // namespace
+
 grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
                                          grpc::ServerReader<PageBatch>* reader,
                                          PagesSummary* summary) {
   (void)ctx;
   int stream = -1;
   uint32_t streams = 0;
+  bool push = false;  // a post-copy push stream
   uint64_t pages = 0, bytes = 0;
   GuestMemory* mem = nullptr;
   {
@@ -174,7 +214,7 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   // Checks that `batch` belongs to the running migration and (first batch) claims its stream.
   auto check = [&](const PageBatch& batch) -> absl::Status {
     absl::MutexLock lock(&mu_);
-    if (migration_id_.empty() || vm_ == nullptr || batch.migration_id() != migration_id_)
+    if (migration_id_.empty() || vm_raw_ == nullptr || batch.migration_id() != migration_id_)
       return absl::FailedPreconditionError("page batch for an unknown or finished migration");
     if (stream < 0) {
       if (batch.stream() >= streams_ || stream_state_[batch.stream()] != 0)
@@ -182,8 +222,9 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
             absl::StrFormat("bad or duplicate page stream index %d", batch.stream()));
       stream = batch.stream();
       stream_state_[stream] = 1;
-      streams = streams_;
-      mem = &vm_->memory();
+      streams = precopy_streams_;
+      push = batch.stream() >= precopy_streams_;
+      mem = &vm_raw_->memory();
     } else if (batch.stream() != static_cast<uint32_t>(stream)) {
       return absl::InvalidArgumentError("page stream index changed mid-stream");
     }
@@ -193,6 +234,13 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   while (reader->Read(&batch)) {
     if (absl::Status s = check(batch); !s.ok()) return ToGrpcStatus(end(s));
     for (const PageRecord& rec : batch.pages()) {
+      if (push) {
+        if (absl::Status s = InstallRecord(rec, *mem, *postcopy_); !s.ok())
+          return ToGrpcStatus(end(s));
+        ++pages;
+        bytes += rec.data().size();
+        continue;
+      }
       if (StreamForPage(rec.gpa(), streams) != static_cast<uint32_t>(stream))
         return ToGrpcStatus(end(absl::InvalidArgumentError(absl::StrFormat(
             "page 0x%x arrived on stream %d, which does not carry it", rec.gpa(), stream))));
@@ -208,6 +256,258 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   summary->set_bytes(bytes);
   end(absl::OkStatus());
   return grpc::Status::OK;
+}
+
+// ---- Post-copy --------------------------------------------------------------------------------
+
+namespace {
+
+absl::StatusOr<std::vector<std::vector<uint64_t>>> DecodeBitmaps(
+    const google::protobuf::RepeatedPtrField<std::string>& in, const GuestMemory& mem,
+    const char* what) {
+  std::vector<std::vector<uint64_t>> out;
+  if (in.empty()) return out;  // "no page"
+  if (static_cast<size_t>(in.size()) != mem.regions().size())
+    return absl::InvalidArgumentError(absl::StrFormat("%s map: %d regions, expected %d", what,
+                                                      in.size(), mem.regions().size()));
+  for (size_t i = 0; i < mem.regions().size(); ++i) {
+    size_t words = (mem.regions()[i].size / kPageSize + 63) / 64;
+    const std::string& b = in.Get(static_cast<int>(i));
+    if (b.size() != words * 8)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%s map of region %d: %d bytes, expected %d", what, i, b.size(), words * 8));
+    std::vector<uint64_t> w(words);
+    std::memcpy(w.data(), b.data(), b.size());
+    out.push_back(std::move(w));
+  }
+  return out;
+}
+
+}  // namespace
+
+void MigrationDestination::FetchOnLane(int lane, uint64_t gpa) {
+  size_t i = lane < 0 || static_cast<size_t>(lane) >= lanes_.size() - 1 ? lanes_.size() - 1
+                                                                          : static_cast<size_t>(lane);
+  Lane& l = *lanes_[i];
+  absl::MutexLock lock(&l.mu);
+  if (l.stream == nullptr) {
+    l.pending.push_back(gpa);  // sent when the lane opens (or re-requested after a recovery)
+    return;
+  }
+  PageRequest req;
+  req.add_gpas(gpa);
+  if (!l.stream->Write(req)) l.pending.push_back(gpa);  // the lane's handler notices the loss
+}
+
+grpc::Status MigrationDestination::Demand(
+    grpc::ServerContext* ctx, grpc::ServerReaderWriter<PageRequest, PageBatch>* stream) {
+  (void)ctx;
+  PageBatch batch;
+  if (!stream->Read(&batch)) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "no hello");
+  Lane* lane = nullptr;
+  GuestMemory* mem = nullptr;
+  {
+    absl::MutexLock lock(&mu_);
+    if (migration_id_.empty() || vm_raw_ == nullptr || batch.migration_id() != migration_id_)
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "demand lane for an unknown or finished migration");
+    if (batch.stream() >= lanes_.size())
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrFormat("bad demand lane %d", batch.stream()));
+    lane = lanes_[batch.stream()].get();
+    mem = &vm_raw_->memory();
+  }
+  {
+    absl::MutexLock lock(&lane->mu);
+    if (lane->seen)
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "demand lane opened twice");
+    lane->seen = true;
+    lane->stream = stream;
+    if (!lane->pending.empty()) {
+      PageRequest req;
+      for (uint64_t gpa : lane->pending) req.add_gpas(gpa);
+      lane->pending.clear();
+      stream->Write(req);
+    }
+  }
+  absl::Status status;
+  while (stream->Read(&batch)) {
+    if (postcopy_ == nullptr) {
+      status = absl::FailedPreconditionError("page answer before post-copy started");
+      break;
+    }
+    for (const PageRecord& rec : batch.pages()) {
+      status = InstallRecord(rec, *mem, *postcopy_);
+      if (!status.ok()) break;
+    }
+    if (!status.ok()) break;
+  }
+  {
+    absl::MutexLock lock(&lane->mu);
+    lane->stream = nullptr;
+  }
+  if (postcopy_running_.load() && postcopy_ != nullptr && !postcopy_->complete())
+    FailPostcopy(status.ok() ? absl::UnavailableError(absl::StrFormat(
+                                   "demand lane %d to the source was lost", batch.stream()))
+                             : status);
+  return ToGrpcStatus(status);
+}
+
+PostcopyStats MigrationDestination::PostcopyStatsNow() const {
+  PostcopyStats out;
+  if (postcopy_ == nullptr) return out;
+  PostcopyMemory::Stats s = postcopy_->stats();
+  out.set_missing_pages(postcopy_->missing_pages());
+  out.set_pulled(s.pulled);
+  out.set_pushed(s.pushed);
+  out.set_duplicates(s.duplicates);
+  auto put = [&](int lane, const PostcopyMemory::LaneStats& l) {
+    LaneStats* x = out.add_lanes();
+    x->set_lane(lane);
+    x->set_faults(l.faults);
+    x->set_p50_us(l.p50_us);
+    x->set_p99_us(l.p99_us);
+    x->set_blocked_ms(l.blocked_ms);
+  };
+  for (size_t i = 0; i < s.lanes.size(); ++i) put(static_cast<int>(i), s.lanes[i]);
+  put(kVmmLane, s.vmm);
+  return out;
+}
+
+void MigrationDestination::FailPostcopy(const absl::Status& why) {
+  if (postcopy_failed_.exchange(true)) return;
+  postcopy_->Suspend();
+  std::string note = absl::StrCat(
+      "post-copy migration failed with ", postcopy_->missing_pages(),
+      " pages still at the source: ", why.message(),
+      "; the guest is paused (its missing pages are never zero-filled)");
+  LOG_ERROR("%s", note);
+  Vm* vm = postcopy_vm_;
+  if (vm == nullptr) return;
+  vm->SetMigrationNote(note);
+  // Pausing kicks vCPUs out of KVM_RUN; one waiting on a missing page leaves its fault when
+  // signalled. Done off this gRPC thread so the service never blocks on it.
+  std::thread([vm] {
+    if (vm->state() == RunState::kRunning) (void)vm->Pause();
+  }).detach();
+}
+
+absl::Status MigrationDestination::RunPostcopy(
+    grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream, const StartPostcopy& sp,
+    Vm* vm) {
+  if (absl::Status s = WaitStreamsClosed(0, sp.pages_per_stream()); !s.ok()) return s;
+  if (sp.lanes() != lanes_.size())
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%d demand lanes announced, expected %d", sp.lanes(), lanes_.size()));
+  if (sp.push_streams() == 0 || sp.push_streams() > kMaxPageStreams)
+    return absl::InvalidArgumentError("bad number of push streams");
+  GuestMemory& mem = vm->memory();
+  auto present = DecodeBitmaps(sp.present(), mem, "present");
+  if (!present.ok()) return present.status();
+  auto zero = DecodeBitmaps(sp.zero(), mem, "zero");
+  if (!zero.ok()) return zero.status();
+
+  PostcopyOptions opts;
+  opts.lanes = static_cast<int>(lanes_.size()) - 1;
+  auto pc = PostcopyMemory::Create(
+      &mem, opts, [this](int lane, uint64_t gpa) { FetchOnLane(lane, gpa); },
+      [vm](pid_t tid) {
+        std::vector<pid_t> tids = vm->VcpuThreadIds();
+        for (size_t i = 0; i < tids.size(); ++i)
+          if (tids[i] == tid) return static_cast<int>(i);
+        return kVmmLane;
+      });
+  if (!pc.ok()) return pc.status();
+  postcopy_ = std::move(*pc);
+  postcopy_vm_ = vm;
+  // Stale and missing pages are dropped and guarded before anything (state restore included)
+  // can touch guest memory.
+  if (absl::Status s = postcopy_->Start(*present, *zero); !s.ok()) return s;
+  {
+    absl::MutexLock lock(&mu_);
+    streams_ = precopy_streams_ + sp.push_streams();
+    received_.resize(streams_, 0);
+    stream_state_.resize(streams_, 0);
+  }
+  if (absl::Status s = vm->RestoreState(sp.state()); !s.ok()) return s;
+  LOG_INFO("incoming migration: post-copy switchover, %d pages missing (%s mode)",
+           postcopy_->missing_pages(),
+           postcopy_->mode() == PostcopyOptions::Mode::kMinor ? "MINOR" : "MISSING");
+  DestinationMessage reply;
+  reply.mutable_ready();
+  if (!stream->Write(reply)) return absl::UnavailableError("source went away before Go");
+  SourceMessage msg;
+  if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected before Go");
+  if (!msg.has_go()) return absl::AbortedError("source did not send Go");
+  postcopy_running_ = true;
+  if (absl::Status s = vm->Boot(); !s.ok()) return s;
+  reply.Clear();
+  reply.mutable_resumed()->set_resume_unix_ns(absl::ToUnixNanos(absl::Now()));
+  absl::Mutex write_mu;  // Control writes: this thread and the stats reporter
+  {
+    absl::MutexLock lock(&write_mu);
+    stream->Write(reply);
+  }
+  LOG_INFO("incoming migration: VM running here, pages arrive on demand and by push");
+  {
+    std::unique_ptr<Vm> running;
+    {
+      absl::MutexLock lock(&mu_);
+      running = std::move(vm_);
+    }
+    Finish(std::move(running));  // the VMM adopts the running VM now
+  }
+  // Progress for the source's WatchMigration.
+  std::atomic<bool> stop_stats{false};
+  std::thread reporter([&] {
+    while (!stop_stats.load()) {
+      for (int i = 0; i < 10 && !stop_stats.load(); ++i) absl::SleepFor(absl::Milliseconds(50));
+      DestinationMessage m;
+      *m.mutable_postcopy_stats() = PostcopyStatsNow();
+      absl::MutexLock lock(&write_mu);
+      if (!stream->Write(m)) break;
+    }
+  });
+  absl::Status result;
+  if (!stream->Read(&msg) || !msg.has_postcopy_complete()) {
+    result = absl::UnavailableError("the source went away before it pushed every page");
+  } else if (absl::Status s = WaitStreamsClosed(precopy_streams_,
+                                                msg.postcopy_complete().pages_per_stream());
+             !s.ok()) {
+    result = s;
+  } else {
+    // Every page was pushed; answers to demand requests may still be on their lanes. Pages
+    // still known-zero need nothing more.
+    postcopy_->SettleZeroPages();
+    absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (!postcopy_->complete() && absl::Now() < deadline && !postcopy_failed_.load())
+      absl::SleepFor(absl::Milliseconds(5));
+    if (!postcopy_->complete())
+      result = absl::DataLossError(absl::StrFormat(
+          "%d pages still missing after the source pushed everything", postcopy_->missing_pages()));
+    else
+      result = postcopy_->Finish();
+  }
+  stop_stats = true;
+  reporter.join();
+  if (!result.ok()) {
+    FailPostcopy(result);
+    {
+      absl::MutexLock lock(&mu_);
+      migration_id_.clear();
+    }
+    return absl::OkStatus();  // the VM was handed over; the failure is reported on the VM
+  }
+  postcopy_running_ = false;
+  reply.Clear();
+  *reply.mutable_postcopy_done()->mutable_stats() = PostcopyStatsNow();
+  stream->Write(reply);
+  {
+    absl::MutexLock lock(&mu_);
+    migration_id_.clear();
+  }
+  LOG_INFO("incoming migration: post-copy complete, every page present");
+  return absl::OkStatus();
 }
 
 }  // namespace microvmm::migration

@@ -10,6 +10,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "migration/postcopy/postcopy_memory.h"
 #include "migration/stream/page_codec.h"
 #include "proto/migration.grpc.pb.h"
 #include "vmm/vm.h"
@@ -34,12 +35,31 @@ class MigrationDestination final : public Migration::Service {
                        grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream) override;
   grpc::Status Pages(grpc::ServerContext* ctx, grpc::ServerReader<PageBatch>* reader,
                      PagesSummary* summary) override;
+  grpc::Status Demand(grpc::ServerContext* ctx,
+                      grpc::ServerReaderWriter<PageRequest, PageBatch>* stream) override;
 
  private:
   absl::Status RunControl(grpc::ServerContext* ctx,
                           grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream);
   absl::Status AcceptHeader(const MigrationHeader& h);
   void Finish(absl::StatusOr<std::unique_ptr<Vm>> result);
+  // Waits until page streams [first, first + counts.size()) are closed with exactly `counts`.
+  absl::Status WaitStreamsClosed(uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts);
+  absl::Status RunPostcopy(grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream,
+                           const StartPostcopy& sp, Vm* vm);
+  // PostcopyMemory's FetchFn: queues a request on `lane`'s demand stream.
+  void FetchOnLane(int lane, uint64_t gpa);
+  // After Go: the source or a lane went away before every page arrived. The guest is paused,
+  // waiting threads stay blocked (no page is zero-filled); the VM carries a note for the API.
+  void FailPostcopy(const absl::Status& why);
+  PostcopyStats PostcopyStatsNow() const;
+
+  struct Lane {
+    absl::Mutex mu;
+    grpc::ServerReaderWriter<PageRequest, PageBatch>* stream ABSL_GUARDED_BY(mu) = nullptr;
+    std::vector<uint64_t> pending ABSL_GUARDED_BY(mu);  // asked before the lane was open
+    bool seen ABSL_GUARDED_BY(mu) = false;
+  };
 
   const VmConfig local_;
   DoneFn done_;
@@ -48,12 +68,21 @@ class MigrationDestination final : public Migration::Service {
   bool finished_ ABSL_GUARDED_BY(mu_) = false;  // done_ was called
   std::string migration_id_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<Vm> vm_ ABSL_GUARDED_BY(mu_);
+  Vm* vm_raw_ ABSL_GUARDED_BY(mu_) = nullptr;  // stays valid after vm_ was handed over
   std::unique_ptr<ReceivedPages> received_pages_;  // set with vm_, then only used by page streams
   uint32_t streams_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<uint64_t> received_ ABSL_GUARDED_BY(mu_);
   std::vector<int> stream_state_ ABSL_GUARDED_BY(mu_);  // 0 unseen, 1 open, 2 closed
   std::string page_error_ ABSL_GUARDED_BY(mu_);
   int pages_in_progress_ ABSL_GUARDED_BY(mu_) = 0;
+
+  // Post-copy.
+  uint32_t precopy_streams_ ABSL_GUARDED_BY(mu_) = 0;  // page streams below this are pre-copy
+  std::vector<std::unique_ptr<Lane>> lanes_;  // vCPUs + 1 (VMM threads); sized at the header
+  std::unique_ptr<PostcopyMemory> postcopy_;  // set before any push stream or lane answer
+  std::atomic<bool> postcopy_running_{false};  // between Go and PostcopyDone
+  std::atomic<bool> postcopy_failed_{false};
+  Vm* postcopy_vm_ = nullptr;  // owned by whoever took it from done_ (outlives this service)
 };
 
 }  // namespace microvmm::migration

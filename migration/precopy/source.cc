@@ -11,6 +11,7 @@
 #include "api/address.h"
 #include "migration/dirty/dirty_tracker.h"
 #include "migration/precopy/destination.h"
+#include "migration/precopy/free_page_filter.h"
 #include "migration/stream/page_codec.h"
 #include "proto/migration.grpc.pb.h"
 #include "vmm/base/log.h"
@@ -20,6 +21,8 @@ namespace microvmm::migration {
 namespace {
 
 constexpr int kPagesPerBatch = 64;
+// Longest wait for the guest's free-page hints before the first pre-copy pass.
+constexpr absl::Duration kHintWait = absl::Seconds(3);
 
 std::string NewMigrationId() {
   std::random_device rd;
@@ -79,6 +82,13 @@ absl::StatusOr<SourceOptions> SourceOptionsFromRequest(const StartMigrationReque
   if (o.streams > kMaxPageStreams)
     return absl::InvalidArgumentError(absl::StrCat("streams must be 1..", kMaxPageStreams));
   o.max_iterations = req.max_iterations();
+  if (!StartMigrationRequest::Mode_IsValid(req.mode()))
+    return absl::InvalidArgumentError("unknown migration mode");
+  o.postcopy = req.mode() == StartMigrationRequest::POSTCOPY;
+  o.postcopy_after_iterations = req.postcopy_after_iterations();
+  if (o.postcopy && o.postcopy_after_iterations != 0)
+    return absl::InvalidArgumentError(
+        "postcopy_after_iterations applies to a pre-copy; mode POSTCOPY switches at once");
   return o;
 }
 
@@ -106,9 +116,18 @@ class MigrationSource::Session {
     uint64_t total = pass_pages_;
     if (total > 0) p.set_remaining_pages(total > done_in_pass ? total - done_in_pass : 0);
     p.set_elapsed_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
+    if (hints_) {
+      p.set_free_page_hint_bytes(hints_->hinted_bytes());
+      p.set_free_page_skipped_bytes(hints_->skipped_bytes());
+    }
+  }
+  // Gives hinted pages back to the guest if a hinting session was started (idempotent).
+  void EndHints() {
+    if (hints_active_) vm_->FinishFreePageHints();
+    hints_active_ = false;
   }
   // Outcome after Run(): was the VM handed over (Ready received)?
-  bool committed() const { return committed_; }
+  bool committed() const { return committed_.load(); }
   bool paused_by_us() const { return paused_by_us_; }
 
  private:
@@ -120,7 +139,33 @@ class MigrationSource::Session {
     std::unique_ptr<grpc::ClientWriter<PageBatch>> writer;
     uint64_t pages_sent = 0;
     std::vector<uint64_t> todo;
+    std::vector<uint64_t> sent;  // pages of `todo` actually sent in this pass
+    size_t stopped_at = 0;       // todo[stopped_at..] not sent (a switch to post-copy)
     absl::Status status;
+  };
+  using ControlStream = grpc::ClientReaderWriter<SourceMessage, DestinationMessage>;
+
+  // Post-copy, after the pre-copy passes (if any): pause, hand the state over with maps of what
+  // the destination already has, then answer demand lanes and push the rest.
+  // `stale`: pages harvested dirty but not sent yet (the final harvest is added here).
+  absl::Status RunPostcopy(ControlStream& control, bool tracking, uint32_t iteration,
+                           DirtySet& stale);
+  absl::Status OpenPageStream(uint32_t index);
+  // Serves one demand lane until the destination closes it.
+  void ServeLane(uint32_t lane);
+  // Pushes missing pages on push stream `index` until none is left.
+  absl::Status PushStream(uint32_t index);
+  // Next pages to push (at most `max`), following the locality hint; empty when all are out.
+  std::vector<uint64_t> NextPushBatch(size_t max);
+  // Marks `gpa` as on its way to the destination; false if it already was.
+  bool MarkDelivered(uint64_t gpa);
+  bool PageIndex(uint64_t gpa, uint64_t* index) const;
+
+  struct LaneConn {
+    std::unique_ptr<grpc::ClientContext> ctx;
+    std::unique_ptr<grpc::ClientReaderWriter<PageBatch, PageRequest>> stream;
+    std::thread thread;
+    absl::Mutex write_mu;
   };
 
   absl::StatusOr<std::shared_ptr<grpc::Channel>> Connect();
@@ -154,8 +199,27 @@ class MigrationSource::Session {
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> extents_;
   void SnapshotExtents();
   bool InHole(uint64_t gpa) const;
-  bool committed_ = false;
+  std::atomic<bool> committed_{false};
   bool paused_by_us_ = false;
+  DirtySet sent_;    // pages sent at least once in pre-copy passes
+  DirtySet unsent_;  // harvested dirty, then left unsent by a pass cut short for post-copy
+  // Post-copy.
+  std::shared_ptr<grpc::Channel> lane_channel_;
+  std::vector<std::unique_ptr<LaneConn>> lanes_;
+  std::vector<std::pair<uint64_t, uint64_t>> page_base_;  // per region: first gpa, first index
+  uint64_t total_pages_ = 0;
+  std::unique_ptr<std::atomic<uint64_t>[]> push_todo_;   // bit per page: missing at the destination
+  std::unique_ptr<std::atomic<uint64_t>[]> delivered_;   // bit per page: pushed or answered
+  absl::Mutex push_mu_;
+  uint64_t push_cursor_ ABSL_GUARDED_BY(push_mu_) = 0;   // page index
+  uint64_t push_left_ ABSL_GUARDED_BY(push_mu_) = 0;
+  std::atomic<uint64_t> locality_hint_{UINT64_MAX};      // page index after the last demand
+  uint64_t last_hint_ ABSL_GUARDED_BY(push_mu_) = UINT64_MAX;
+  std::atomic<uint64_t> pulled_pages_{0}, pushed_pages_{0};
+  PostcopyStats last_stats_;  // from the destination (reader thread only, then copied)
+  absl::Mutex stats_mu_;
+  std::unique_ptr<FreePageFilter> hints_;  // VM with a hinting balloon
+  bool hints_active_ = false;
 };
 
 absl::StatusOr<std::shared_ptr<grpc::Channel>> MigrationSource::Session::Connect() {
@@ -182,25 +246,8 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MigrationSource::Session::Connect
 }
 
 absl::Status MigrationSource::Session::OpenStreams() {
-  for (uint32_t i = 0; i < o_->options_.streams; ++i) {
-    auto s = std::make_unique<Stream>();
-    auto ch = Connect();
-    if (!ch.ok()) return ch.status();
-    s->channel = *ch;
-    s->stub = Migration::NewStub(s->channel);
-    {
-      absl::MutexLock lock(&ctx_mu_);
-      if (cancelled_) return absl::CancelledError("migration cancelled");
-      s->ctx = std::make_unique<grpc::ClientContext>();
-    }
-    s->writer = s->stub->Pages(s->ctx.get(), &s->summary);
-    PageBatch hello;  // registers the stream index at the destination
-    hello.set_migration_id(o_->id_);
-    hello.set_stream(i);
-    if (!s->writer->Write(hello))
-      return absl::UnavailableError(absl::StrCat("page stream ", i, " could not be opened"));
-    streams_.push_back(std::move(s));
-  }
+  for (uint32_t i = 0; i < o_->options_.streams; ++i)
+    if (absl::Status s = OpenPageStream(i); !s.ok()) return s;
   return absl::OkStatus();
 }
 
@@ -227,7 +274,15 @@ absl::Status MigrationSource::Session::SendStream(uint32_t index, uint32_t itera
     batch_bytes = 0;
     return absl::OkStatus();
   };
-  for (uint64_t gpa : s.todo) {
+  s.stopped_at = s.todo.size();
+  for (size_t i = 0; i < s.todo.size(); ++i) {
+    const uint64_t gpa = s.todo[i];
+    if (o_->postcopy_requested_.load()) {  // the rest goes in post-copy
+      s.stopped_at = i;
+      break;
+    }
+    if (hints_ && hints_->Skip(gpa)) continue;  // hinted free, not written since
+    s.sent.push_back(gpa);
     PageRecord* rec = batch.add_pages();
     if (InHole(gpa)) {
       batch_bytes += EncodeZeroPage(gpa, rec);
@@ -281,7 +336,10 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
   pass_start_pages_ = pages_sent_.load();
   pass_pages_ = dirty.Count();
   SnapshotExtents();
-  for (auto& s : streams_) s->todo.clear();
+  for (auto& s : streams_) {
+    s->todo.clear();
+    s->sent.clear();
+  }
   dirty.ForEachSetPage(
       [&](uint64_t gpa) { streams_[StreamForPage(gpa, n)]->todo.push_back(gpa); });
   dirty.ClearAll();
@@ -290,6 +348,10 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
     workers.emplace_back([this, i, iteration] { streams_[i]->status = SendStream(i, iteration); });
   streams_[0]->status = SendStream(0, iteration);
   for (auto& w : workers) w.join();
+  for (auto& s : streams_) {
+    for (uint64_t gpa : s->sent) sent_.Set(gpa);
+    for (size_t i = s->stopped_at; i < s->todo.size(); ++i) unsent_.Set(s->todo[i]);
+  }
   pass_pages_ = 0;
   for (auto& s : streams_)
     if (!s->status.ok()) return s->status;
@@ -353,17 +415,50 @@ absl::Status MigrationSource::Session::Run() {
   if (!control->Read(&reply)) return control_error("refusing the header");
   if (!reply.has_accepted()) return absl::InternalError("destination did not accept the header");
   if (absl::Status s = OpenStreams(); !s.ok()) return s;
+  sent_ = DirtySet::ForMemory(mem_);
+  unsent_ = DirtySet::ForMemory(mem_);
+  if (opt.postcopy) {
+    DirtySet none = DirtySet::ForMemory(mem_);
+    return RunPostcopy(*control, /*tracking=*/false, 0, none);
+  }
 
-  // Pre-copy iterations while the guest runs.
+  // Pre-copy iterations while the guest runs. Dirty logging first, then the free-page hints
+  // (background.md §4): a page written after its hint is then always caught by the log.
   if (absl::Status s = tracker.Start(); !s.ok()) return s;
   DirtySet dirty = DirtySet::ForMemory(mem_);
+  DirtySet fresh = DirtySet::ForMemory(mem_);  // one harvest, before it joins `dirty`
+  if (vm_->config().balloon().free_page_hinting()) {
+    // The first harvest reports every page (not writes): take it before any hint exists, so
+    // that only real writes after a hint ever withdraw it.
+    if (absl::Status s = tracker.Sync(dirty); !s.ok()) return s;
+    hints_ = std::make_unique<FreePageFilter>(mem_);
+    auto id = vm_->StartFreePageHints(hints_.get());
+    if (id.ok()) {
+      hints_active_ = true;
+      LOG_INFO("migration %s: asked the guest for free-page hints (command id %d)", o_->id_, *id);
+      // Give the guest a moment to report its free pages before the first pass reaches them
+      // (a responsive guest answers in milliseconds; one that does not costs at most this).
+      const absl::Time give_up = absl::Now() + kHintWait;
+      while (!hints_->guest_done() && absl::Now() < give_up && !Cancelled())
+        absl::SleepFor(absl::Milliseconds(2));
+      LOG_INFO("migration %s: %s free-page hints (%d KiB) before the first pass", o_->id_,
+               hints_->guest_done() ? "all" : "partial", hints_->hinted_bytes() / 1024);
+    } else {
+      LOG_WARN("migration %s: no free-page hints: %s", o_->id_, id.status().message());
+      hints_.reset();
+    }
+  }
   uint32_t iteration = 0;
   absl::Time last_sync = absl::Now();
   uint64_t bandwidth = 0;
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_PRECOPY); });
   for (;;) {
     if (Cancelled()) return absl::CancelledError("migration cancelled");
-    if (absl::Status s = tracker.Sync(dirty); !s.ok()) return s;
+    if (o_->postcopy_requested_.load()) return RunPostcopy(*control, true, iteration, dirty);
+    fresh.ClearAll();
+    if (absl::Status s = tracker.Sync(fresh); !s.ok()) return s;
+    if (hints_) hints_->ClearDirty(fresh);  // written since their hint: send them
+    dirty.Or(fresh);
     absl::Time now = absl::Now();
     uint64_t remaining = dirty.Count();
     uint64_t dirty_rate =
@@ -378,9 +473,14 @@ absl::Status MigrationSource::Session::Run() {
       p.set_dirty_pages_per_s(dirty_rate);
       p.set_expected_downtime_ms(expected == absl::InfiniteDuration() ? 0 : absl::ToInt64Milliseconds(expected));
     });
-    if (iteration > 0 && (expected <= opt.downtime_limit ||
-                          (opt.max_iterations != 0 && iteration >= opt.max_iterations)))
-      break;
+    if (iteration > 0 && expected <= opt.downtime_limit) break;
+    if (opt.postcopy_after_iterations != 0 && iteration >= opt.postcopy_after_iterations) {
+      LOG_INFO("migration %s: not converged after %d passes: switching to post-copy", o_->id_,
+               iteration);
+      o_->postcopy_requested_ = true;
+      return RunPostcopy(*control, true, iteration, dirty);
+    }
+    if (opt.max_iterations != 0 && iteration >= opt.max_iterations) break;
     absl::Time t0 = absl::Now();
     uint64_t b0 = bytes_sent_;
     if (absl::Status s = SendPages(dirty, iteration); !s.ok()) return s;
@@ -402,12 +502,16 @@ absl::Status MigrationSource::Session::Run() {
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_SWITCHOVER); });
   int64_t pause_ns = absl::ToUnixNanos(absl::Now());
   absl::Time pause_time = absl::Now();
+  if (hints_) vm_->StopFreePageHints();  // no hint may arrive after the last harvest
   if (absl::Status s = vm_->Pause(); !s.ok()) return s;
   paused_by_us_ = true;
   if (absl::Status s = tracker.Sync(dirty); !s.ok()) return s;
+  if (hints_) hints_->ClearDirty(dirty);
   uint64_t final_pages = dirty.Count();
   if (absl::Status s = SendPages(dirty, iteration); !s.ok()) return s;
   if (absl::Status s = CloseStreams(); !s.ok()) return s;
+  // The guest gets its hinted pages back (command id DONE travels in the balloon's state).
+  EndHints();
   auto state = vm_->SaveState();
   if (!state.ok()) return state.status();
   msg.Clear();
@@ -449,11 +553,388 @@ absl::Status MigrationSource::Session::Run() {
     else
       p.set_downtime_ms(absl::ToInt64Milliseconds(local_downtime));
     p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
+    if (hints_) {
+      p.set_free_page_hint_bytes(hints_->hinted_bytes());
+      p.set_free_page_skipped_bytes(hints_->skipped_bytes());
+    }
   });
   LOG_INFO("migration %s: switchover sent %d final pages; downtime %d ms", o_->id_, final_pages,
            resume_ns ? (resume_ns - pause_ns) / 1000000 : absl::ToInt64Milliseconds(local_downtime));
   if (result.ok()) vm_->MarkMigrated(absl::StrCat("migrated to ", o_->options_.destination));
   return result;
+}
+
+// ---- Post-copy (source) --------------------------------------------------------------------
+
+bool MigrationSource::Session::PageIndex(uint64_t gpa, uint64_t* index) const {
+  for (size_t i = 0; i < mem_.regions().size(); ++i) {
+    const auto& r = mem_.regions()[i];
+    if (gpa >= r.gpa && gpa - r.gpa < r.size) {
+      *index = page_base_[i].second + (gpa - r.gpa) / kPageSize;
+      return true;
+    }
+  }
+  return false;
+}
+
+bool MigrationSource::Session::MarkDelivered(uint64_t gpa) {
+  uint64_t i;
+  if (!PageIndex(gpa, &i)) return false;
+  uint64_t bit = 1ULL << (i % 64);
+  return !(delivered_[i / 64].fetch_or(bit, std::memory_order_acq_rel) & bit);
+}
+
+std::vector<uint64_t> MigrationSource::Session::NextPushBatch(size_t max) {
+  std::vector<uint64_t> out;
+  absl::MutexLock lock(&push_mu_);
+  // Follow the guest: after a demand fault, push what comes right after it.
+  uint64_t hint = locality_hint_.load();
+  if (hint != last_hint_ && hint < total_pages_) {
+    push_cursor_ = hint;
+    last_hint_ = hint;
+  }
+  uint64_t scanned = 0;
+  const uint64_t words = (total_pages_ + 63) / 64;
+  while (out.size() < max && push_left_ > 0 && scanned <= total_pages_ + 64) {
+    uint64_t w = push_cursor_ / 64;
+    uint64_t avail = push_todo_[w].load() & ~delivered_[w].load();
+    avail &= ~0ULL << (push_cursor_ % 64);  // from the cursor on
+    if (avail == 0) {
+      scanned += 64 - push_cursor_ % 64;
+      push_cursor_ = ((w + 1) % words) * 64;
+      continue;
+    }
+    uint64_t i = w * 64 + static_cast<uint64_t>(__builtin_ctzll(avail));
+    push_cursor_ = i + 1 >= total_pages_ ? 0 : i + 1;
+    scanned += 1;
+    uint64_t bit = 1ULL << (i % 64);
+    if (delivered_[w].fetch_or(bit) & bit) continue;  // a lane answered it meanwhile
+    --push_left_;
+    // Index -> gpa.
+    for (size_t r = page_base_.size(); r-- > 0;)
+      if (i >= page_base_[r].second) {
+        out.push_back(page_base_[r].first + (i - page_base_[r].second) * kPageSize);
+        break;
+      }
+  }
+  if (out.empty()) push_left_ = 0;  // a full scan found nothing: everything is out
+  return out;
+}
+
+absl::Status MigrationSource::Session::OpenPageStream(uint32_t index) {
+  auto s = std::make_unique<Stream>();
+  auto ch = Connect();
+  if (!ch.ok()) return ch.status();
+  s->channel = *ch;
+  s->stub = Migration::NewStub(s->channel);
+  {
+    absl::MutexLock lock(&ctx_mu_);
+    if (cancelled_) return absl::CancelledError("migration cancelled");
+    s->ctx = std::make_unique<grpc::ClientContext>();
+  }
+  s->writer = s->stub->Pages(s->ctx.get(), &s->summary);
+  PageBatch hello;  // registers the stream index at the destination
+  hello.set_migration_id(o_->id_);
+  hello.set_stream(index);
+  if (!s->writer->Write(hello))
+    return absl::UnavailableError(absl::StrCat("page stream ", index, " could not be opened"));
+  streams_.push_back(std::move(s));
+  return absl::OkStatus();
+}
+
+void MigrationSource::Session::ServeLane(uint32_t lane) {
+  LaneConn& l = *lanes_[lane];
+  PageRequest req;
+  while (l.stream->Read(&req)) {
+    PageBatch batch;
+    batch.set_migration_id(o_->id_);
+    batch.set_stream(lane);
+    uint64_t bytes = 0;
+    for (uint64_t gpa : req.gpas()) {
+      auto host = mem_.HostPtr(gpa, kPageSize);
+      if (gpa % kPageSize != 0 || !host.ok()) {
+        LOG_WARN_RATELIMITED("migration %s: lane %d asked for page 0x%x outside guest RAM",
+                             o_->id_, lane, gpa);
+        continue;
+      }
+      MarkDelivered(gpa);
+      uint64_t index;
+      if (PageIndex(gpa, &index)) locality_hint_ = index + 1;
+      PageRecord* rec = batch.add_pages();
+      bytes += InHole(gpa) ? EncodeZeroPage(gpa, rec) : EncodePage(gpa, *host, rec);
+    }
+    if (batch.pages_size() == 0) continue;
+    absl::MutexLock lock(&l.write_mu);
+    if (!l.stream->Write(batch)) break;
+    pulled_pages_ += batch.pages_size();
+    pages_sent_ += batch.pages_size();
+    bytes_sent_ += bytes;
+  }
+}
+
+absl::Status MigrationSource::Session::PushStream(uint32_t index) {
+  Stream& s = *streams_[index];
+  PageBatch batch;
+  batch.set_migration_id(o_->id_);
+  batch.set_stream(index);  // = its index in streams_ (after the pre-copy ones)
+  for (;;) {
+    if (Cancelled()) return absl::CancelledError("migration cancelled");
+    std::vector<uint64_t> pages = NextPushBatch(kPagesPerBatch);
+    if (pages.empty()) return absl::OkStatus();
+    batch.clear_pages();
+    uint64_t bytes = 0;
+    for (uint64_t gpa : pages) {
+      auto host = mem_.HostPtr(gpa, kPageSize);
+      if (!host.ok()) return host.status();
+      PageRecord* rec = batch.add_pages();
+      bytes += InHole(gpa) ? EncodeZeroPage(gpa, rec) : EncodePage(gpa, *host, rec);
+    }
+    limiter_.Acquire(bytes, o_->cancel_);
+    if (!s.writer->Write(batch)) {
+      grpc::Status st = s.writer->Finish();
+      return FromGrpc(st.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream closed") : st,
+                      "post-copy push stream to the destination failed");
+    }
+    s.pages_sent += batch.pages_size();
+    pushed_pages_ += batch.pages_size();
+    pages_sent_ += batch.pages_size();
+    bytes_sent_ += bytes;
+  }
+}
+
+namespace {
+std::string WordsToBytes(const std::vector<uint64_t>& w) {
+  return std::string(reinterpret_cast<const char*>(w.data()), w.size() * sizeof(uint64_t));
+}
+}  // namespace
+
+absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool tracking,
+                                                   uint32_t iteration, DirtySet& stale) {
+  const SourceOptions& opt = o_->options_;
+  DirtyTracker& tracker = vm_->dirty_tracker();
+  Progress([&](MigrationProgress& p) {
+    p.set_phase(MIGRATION_SWITCHOVER);
+    p.set_postcopy(true);
+    p.set_iteration(iteration);
+  });
+  auto control_error = [&](absl::string_view what) {
+    grpc::Status st = control.Finish();
+    if (!st.ok()) return FromGrpc(st, "destination");
+    return absl::UnavailableError(absl::StrCat("destination closed the control stream ", what));
+  };
+  const int64_t pause_ns = absl::ToUnixNanos(absl::Now());
+  if (hints_) vm_->StopFreePageHints();
+  if (absl::Status s = vm_->Pause(); !s.ok()) return s;
+  paused_by_us_ = true;
+  if (tracking) {
+    if (absl::Status s = tracker.Sync(stale); !s.ok()) return s;
+    if (hints_) hints_->ClearDirty(stale);
+  }
+  stale.Or(unsent_);
+  if (absl::Status s = CloseStreams(); !s.ok()) return s;
+  std::vector<uint64_t> precopy_counts;
+  for (auto& s : streams_) precopy_counts.push_back(s->pages_sent);
+  EndHints();  // the guest's hinted pages are free again (DONE travels in the balloon state)
+  SnapshotExtents();
+
+  // What the destination has (present), what it can make up (zero), what must travel (push).
+  page_base_.clear();
+  total_pages_ = 0;
+  for (const auto& r : mem_.regions()) {
+    page_base_.push_back({r.gpa, total_pages_});
+    total_pages_ += r.size / kPageSize;
+  }
+  const uint64_t words = (total_pages_ + 63) / 64;
+  push_todo_ = std::make_unique<std::atomic<uint64_t>[]>(words);
+  delivered_ = std::make_unique<std::atomic<uint64_t>[]>(words);
+  for (uint64_t w = 0; w < words; ++w) {
+    push_todo_[w].store(0);
+    delivered_[w].store(0);
+  }
+  ::microvmm::StartPostcopy* sp = nullptr;
+  SourceMessage msg;
+  sp = msg.mutable_start_postcopy();
+  uint64_t missing = 0, present_pages = 0, zero_pages = 0;
+  for (size_t ri = 0; ri < mem_.regions().size(); ++ri) {
+    const auto& r = mem_.regions()[ri];
+    uint64_t pages = r.size / kPageSize;
+    std::vector<uint64_t> present((pages + 63) / 64), zero((pages + 63) / 64);
+    for (uint64_t p = 0; p < pages; ++p) {
+      uint64_t gpa = r.gpa + p * kPageSize;
+      if (sent_.Test(gpa) && !stale.Test(gpa)) {
+        present[p / 64] |= 1ULL << (p % 64);
+        ++present_pages;
+      } else if (InHole(gpa) || (hints_ && hints_->hinted(gpa))) {
+        zero[p / 64] |= 1ULL << (p % 64);
+        ++zero_pages;
+      } else {
+        uint64_t i = page_base_[ri].second + p;
+        push_todo_[i / 64].fetch_or(1ULL << (i % 64));
+        ++missing;
+      }
+    }
+    sp->add_present(WordsToBytes(present));
+    sp->add_zero(WordsToBytes(zero));
+  }
+  {
+    absl::MutexLock lock(&push_mu_);
+    push_cursor_ = 0;
+    push_left_ = missing;
+  }
+  auto state = vm_->SaveState();
+  if (!state.ok()) return state.status();
+  *sp->mutable_state() = std::move(*state);
+  for (uint64_t n : precopy_counts) sp->add_pages_per_stream(n);
+  sp->set_source_pause_unix_ns(pause_ns);
+  const uint32_t nlanes = vm_->config().vcpus() + 1;
+  sp->set_lanes(nlanes);
+  sp->set_push_streams(opt.streams);
+
+  // Demand lanes (multiplexed on one connection of their own, away from the bulk push) must be
+  // up before the destination can fault: its state restore may already touch missing pages.
+  auto ch = Connect();
+  if (!ch.ok()) return ch.status();
+  lane_channel_ = *ch;
+  auto lane_stub = Migration::NewStub(lane_channel_);
+  for (uint32_t i = 0; i < nlanes; ++i) {
+    auto l = std::make_unique<LaneConn>();
+    {
+      absl::MutexLock lock(&ctx_mu_);
+      if (cancelled_) return absl::CancelledError("migration cancelled");
+      l->ctx = std::make_unique<grpc::ClientContext>();
+    }
+    l->stream = lane_stub->Demand(l->ctx.get());
+    PageBatch hello;
+    hello.set_migration_id(o_->id_);
+    hello.set_stream(i);
+    if (!l->stream->Write(hello))
+      return absl::UnavailableError(absl::StrCat("demand lane ", i, " could not be opened"));
+    lanes_.push_back(std::move(l));
+  }
+  for (uint32_t i = 0; i < nlanes; ++i)
+    lanes_[i]->thread = std::thread([this, i] { ServeLane(i); });
+  LOG_INFO("migration %s: post-copy switchover: %d pages present at the destination, %d zero, "
+           "%d to pull or push",
+           o_->id_, present_pages, zero_pages, missing);
+
+  if (!control.Write(msg)) return control_error("before the post-copy state");
+  DestinationMessage reply;
+  if (!control.Read(&reply)) return control_error("before it was ready for post-copy");
+  if (!reply.has_ready()) return absl::InternalError("destination sent no Ready");
+
+  // Point of no return.
+  committed_ = true;
+  if (tracking) (void)tracker.Stop();
+  const size_t push_base = streams_.size();
+  for (uint32_t i = 0; i < opt.streams; ++i)
+    if (absl::Status s = OpenPageStream(opt.streams + i); !s.ok()) return s;
+  msg.Clear();
+  msg.mutable_go();
+  if (!control.Write(msg) || !control.Read(&reply) || !reply.has_resumed())
+    return absl::UnknownError(
+        "the destination did not confirm that it resumed the VM; the source VM stays paused so "
+        "that it never runs twice — check the destination");
+  const int64_t resume_ns = reply.resumed().resume_unix_ns();
+  Progress([&](MigrationProgress& p) {
+    p.set_phase(MIGRATION_POSTCOPY);
+    p.set_source_pause_unix_ns(pause_ns);
+    p.set_destination_resume_unix_ns(resume_ns);
+    p.set_downtime_ms(std::max<int64_t>(0, (resume_ns - pause_ns) / 1000000));
+  });
+
+  // Destination reports (stats, then done) arrive on the control stream.
+  std::atomic<bool> done{false};
+  std::thread reader([&] {
+    DestinationMessage m;
+    while (control.Read(&m)) {
+      if (m.has_postcopy_stats() || m.has_postcopy_done()) {
+        PostcopyStats st = m.has_postcopy_done() ? m.postcopy_done().stats() : m.postcopy_stats();
+        Progress([&](MigrationProgress& p) {
+          *p.mutable_postcopy_stats() = st;
+          p.set_remaining_pages(st.missing_pages());
+        });
+      }
+      if (m.has_postcopy_done()) {
+        done = true;
+        break;
+      }
+    }
+  });
+  std::vector<absl::Status> push_status(opt.streams);
+  std::vector<std::thread> pushers;
+  for (uint32_t i = 0; i < opt.streams; ++i)
+    pushers.emplace_back(
+        [this, i, push_base, &push_status] { push_status[i] = PushStream(push_base + i); });
+  for (auto& t : pushers) t.join();
+  absl::Status result;
+  for (const absl::Status& s : push_status)
+    if (result.ok() && !s.ok()) result = s;
+  std::vector<uint64_t> push_counts;
+  if (result.ok()) {
+    for (size_t i = push_base; i < streams_.size(); ++i) {
+      Stream& s = *streams_[i];
+      s.writer->WritesDone();
+      grpc::Status st = s.writer->Finish();
+      if (!st.ok() && result.ok()) result = FromGrpc(st, "post-copy push stream");
+      push_counts.push_back(s.pages_sent);
+    }
+  }
+  if (result.ok()) {
+    msg.Clear();
+    for (uint64_t n : push_counts) msg.mutable_postcopy_complete()->add_pages_per_stream(n);
+    if (!control.Write(msg)) result = absl::UnavailableError("destination went away");
+  }
+  if (result.ok()) {
+    reader.join();
+    if (!done)
+      result = absl::UnavailableError("the destination did not confirm the end of post-copy");
+  } else {
+    CancelRpcs();
+    reader.join();
+  }
+  for (auto& l : lanes_) {
+    {
+      absl::MutexLock lock(&l->write_mu);
+      l->stream->WritesDone();
+    }
+    if (!result.ok()) l->ctx->TryCancel();
+    l->thread.join();
+    (void)l->stream->Finish();
+  }
+  if (result.ok()) {
+    control.WritesDone();
+    (void)control.Finish();
+  }
+  Progress([&](MigrationProgress& p) {
+    p.set_bytes_sent(bytes_sent_);
+    p.set_pages_sent(pages_sent_);
+    p.set_zero_pages(zero_pages_);
+    p.set_remaining_pages(result.ok() ? 0 : p.remaining_pages());
+    p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
+    if (hints_) {
+      p.set_free_page_hint_bytes(hints_->hinted_bytes());
+      p.set_free_page_skipped_bytes(hints_->skipped_bytes());
+    }
+  });
+  LOG_INFO("migration %s: post-copy %s: %d pages pulled on demand, %d pushed", o_->id_,
+           result.ok() ? "complete" : "failed", pulled_pages_.load(), pushed_pages_.load());
+  if (!result.ok())
+    return absl::Status(result.code(),
+                        absl::StrCat("post-copy: ", result.message(),
+                                     " (the VM runs at the destination; this copy stays paused)"));
+  vm_->MarkMigrated(absl::StrCat("migrated to ", o_->options_.destination, " (post-copy)"));
+  return absl::OkStatus();
+}
+
+absl::Status MigrationSource::StartPostcopy() {
+  absl::MutexLock lock(&mu_);
+  if (done_) return absl::FailedPreconditionError("the migration is over");
+  if (progress_.phase() != MIGRATION_SETUP && progress_.phase() != MIGRATION_PRECOPY)
+    return absl::FailedPreconditionError(
+        absl::StrCat("the migration is past pre-copy (", MigrationPhase_Name(progress_.phase()),
+                     ")"));
+  postcopy_requested_ = true;
+  return absl::OkStatus();
 }
 
 MigrationSource::MigrationSource(Vm* vm, SourceOptions options)
@@ -481,6 +962,7 @@ void MigrationSource::Run() {
   if (!s.ok() && !session_->committed()) {
     // Nothing changes for the guest: stop logging dirty pages, resume if we paused it.
     session_->CancelRpcs();
+    session_->EndHints();
     (void)vm_->dirty_tracker().Stop();
     if (session_->paused_by_us() && vm_->state() == RunState::kPaused) (void)vm_->Resume();
     LOG_WARN("migration %s failed, VM continues on the source: %s", id_, s.message());
@@ -507,6 +989,8 @@ void MigrationSource::Cancel() {
     absl::MutexLock lock(&mu_);
     if (done_) return;
   }
+  // Past Ready the VM belongs to the destination: cancelling would strand a post-copy guest.
+  if (session_ && session_->committed()) return;
   cancel_ = true;
   if (session_) session_->CancelRpcs();
 }

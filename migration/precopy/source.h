@@ -23,6 +23,8 @@ struct SourceOptions {
   uint64_t bandwidth_limit = 0;  // bytes/s, 0 = unlimited
   uint32_t streams = 2;
   uint32_t max_iterations = 0;   // 0 = unlimited
+  bool postcopy = false;         // pure post-copy: switch right after the header
+  uint32_t postcopy_after_iterations = 0;  // pre-copy, then post-copy after N passes (0: never)
   std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
 };
 
@@ -38,6 +40,9 @@ class MigrationSource {
   MigrationProgress progress() const;
   bool done() const;
   void Cancel();
+  // Switches a running pre-copy to post-copy at the next opportunity (the current pass stops).
+  // FailedPrecondition when the migration is over or already past its switchover.
+  absl::Status StartPostcopy();
   // Waits until the migration ended or `timeout` passed; returns the latest progress.
   MigrationProgress Wait(absl::Duration timeout) const;
   const std::string& id() const { return id_; }
@@ -51,6 +56,7 @@ class MigrationSource {
   const SourceOptions options_;
   const std::string id_;
   std::atomic<bool> cancel_{false};
+  std::atomic<bool> postcopy_requested_{false};
   mutable absl::Mutex mu_;
   MigrationProgress progress_ ABSL_GUARDED_BY(mu_);
   bool done_ ABSL_GUARDED_BY(mu_) = false;

@@ -134,7 +134,7 @@ TEST(ParseArgs, Errors) {
   EXPECT_THAT(ParseError({"info"}), HasSubstr("missing --socket"));
   EXPECT_THAT(ParseError({"--socket", "/s", "reboot"}), HasSubstr("unknown command 'reboot'"));
   EXPECT_THAT(ParseError({"--socket", "/s", "reboot"}),
-              HasSubstr("migrate, migrate-cancel, migrate-status, receive"));
+              HasSubstr("migrate, migrate-cancel, migrate-postcopy, migrate-status, receive"));
   EXPECT_THAT(ParseError({"--socket", "/s", "--bogus", "info"}),
               HasSubstr("unknown flag '--bogus'"));
   EXPECT_THAT(ParseError({"--socket", "/s", "boot", "--json"}),

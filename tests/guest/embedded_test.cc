@@ -16,10 +16,10 @@ namespace tg = microvmm::testguest;
 
 int main() {
   const auto names = tg::Names();
-  CHECK(names.size() == 8);
-  CHECK(names[0] == "fault" && names[1] == "hello" && names[2] == "idle" && names[3] == "memwalk" &&
-        names[4] == "pciscan" && names[5] == "smp" && names[6] == "virtioblk" &&
-        names[7] == "virtiorng");
+  CHECK(names.size() == 9);
+  CHECK(names[0] == "balloonhint" && names[1] == "fault" && names[2] == "hello" &&
+        names[3] == "idle" && names[4] == "memwalk" && names[5] == "pciscan" && names[6] == "smp" &&
+        names[7] == "virtioblk" && names[8] == "virtiorng");
   for (const auto& n : names) {
     const tg::Image* img = tg::Find(n);
     CHECK(img != nullptr);
@@ -30,7 +30,7 @@ int main() {
     CHECK(img->mem_end <= 0x800000);
     // start.S begins with cli (0xfa), cld (0xfc).
     CHECK(img->data[0] == 0xfa && img->data[1] == 0xfc);
-    std::printf("%-8s size=%lu mem_end=0x%lx\n", img->name, img->size, img->mem_end);
+    std::printf("%-11s size=%lu mem_end=0x%lx\n", img->name, img->size, img->mem_end);
   }
   CHECK(tg::Find("nope") == nullptr);
   CHECK(tg::Find("") == nullptr);

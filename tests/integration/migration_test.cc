@@ -7,8 +7,6 @@
 #include <unistd.h>
 
 #include <memory>
-#include <unistd.h>
-
 #include <string>
 #include <vector>
 

@@ -75,6 +75,12 @@ class KvmVm {
   absl::Status CreatePit2();
   absl::Status SetUserMemoryRegion(uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size,
                                    void* host);
+  // KVM_SET_USER_MEMORY_REGION2 (needs KVM_CAP_USER_MEMORY2). With KVM_MEM_USERFAULT in `flags`,
+  // `userfault_bitmap` is the slot's bitmap (one bit per page, unsigned-long words, set = a vCPU
+  // access exits with KVM_EXIT_MEMORY_FAULT + KVM_MEMORY_EXIT_FLAG_USERFAULT); it must stay
+  // mapped for the memslot's lifetime (see migration/postcopy/kvm_userfault.h).
+  absl::Status SetUserMemoryRegion2(uint32_t slot, uint32_t flags, uint64_t gpa, uint64_t size,
+                                    void* host, const void* userfault_bitmap = nullptr);
   absl::Status IrqLine(uint32_t irq, bool level);
   absl::Status EnableCap(uint32_t cap, uint64_t arg0 = 0);
   absl::StatusOr<ScopedFd> CreateVcpu(int id);
@@ -152,6 +158,14 @@ class KvmVcpu {
   ScopedMmap run_;
   int id_;
 };
+
+// Does this KVM implement "KVM Userfault" as the VMM uses it? Decided by behaviour, not by a cap
+// number (it changed between patch versions): a scratch VM must accept a KVM_MEM_USERFAULT
+// memslot, and a tiny real-mode vCPU reading a page marked in the bitmap must get
+// KVM_EXIT_MEMORY_FAULT with the USERFAULT flag for that page, then read the right byte once the
+// bit is cleared. false + the reason (logged, and stored in *reason if given) when any step fails;
+// an error only when the scratch VM itself cannot be set up.
+absl::StatusOr<bool> ProbeKvmUserfault(Kvm& kvm, std::string* reason = nullptr);
 
 }  // namespace microvmm
 

@@ -84,6 +84,22 @@ expect virtioblk 1 "" 31 "virtio-blk FAIL no virtio-blk device disk=0"
 expect virtioblk 1 "disk=2" 31 "virtio-blk FAIL no virtio-blk device disk=2"
 expect virtioblk 1 "read=5:zz" 30 "virtio-blk FAIL bad read=.*"
 expect virtioblk 1 "write=7" 30 "virtio-blk FAIL bad write=.*"
+# balloonhint: without a device only argument parsing, the "no device" exit and the nohint
+# baseline (fill + keep-region generations, and the checker catching a flipped word) run here;
+# the hinting protocol runs under KVM (//tests/integration:balloon_hint_test).
+expect balloonhint 1 "" 51 "balloonhint start mib=48 keep=4 base_mib=16 chunk_kib=4096 reuse=0" \
+  "balloonhint FAIL no virtio-balloon device"
+expect balloonhint 2 "mib=8 keep=2 gens=3 nohint" 0 "balloonhint filled mib=8 free_mib=6" \
+  "balloonhint gen=3 ok" "balloonhint finished gens=3"
+count balloonhint 1 "mib=4 keep=4 gens=5 nohint" "balloonhint gen=[0-9]+ ok" 5
+expect balloonhint 1 "nohint mib=8 keep=2 corrupt=2" 58 "balloonhint gen=2 ok" \
+  "balloonhint FAIL pfn=0x1000 gen=3 expected 0x42414c48494e4400,0x0{15}2,.* got 0x42414c48494e4400,0x0{15}3,.*"
+expect balloonhint 1 "keep=49" 50 "balloonhint FAIL bad args .*"
+expect balloonhint 1 "mib=0" 50 "balloonhint FAIL bad args .*"
+expect balloonhint 1 "chunk_kib=6" 50 "balloonhint FAIL bad args .*"
+expect balloonhint 1 "chunk_kib=2097152" 50 "balloonhint FAIL bad args .*"
+expect balloonhint 1 "base_mib=8 mib=4 nohint" 50 "balloonhint FAIL bad args .*"
+expect balloonhint 1 "mib=49 nohint" 50 "balloonhint FAIL region \[0x1000000, 0x4100000\) not in RAM .*"
 
 echo "$pass passed, $fail failed"
 [[ $fail -eq 0 ]]

@@ -114,6 +114,14 @@ int virtio_driver_ok(struct virtio_pci* vp) {
   return 0;
 }
 
+void virtio_set_failed(struct virtio_pci* vp) {
+  common_write8(vp, COMMON_STATUS, virtio_status(vp) | VIRTIO_S_FAILED);
+}
+
+uint32_t virtio_cfg_read32(const struct virtio_pci* vp, uint32_t off) {
+  return MMIO32(vp->device_cfg + off);
+}
+
 uint64_t virtio_cfg_read64(const struct virtio_pci* vp, uint32_t off) {
   uint64_t v;
   uint8_t gen;
@@ -164,15 +172,23 @@ void virtq_set_desc(struct virtq* q, uint16_t i, uint64_t addr, uint32_t len, ui
   q->desc[i].next = (flags & VIRTQ_DESC_F_NEXT) ? next : 0;
 }
 
-void virtq_kick(struct virtq* q, uint16_t head) {
+void virtq_publish(struct virtq* q, uint16_t head) {
   q->avail[2 + q->avail_idx % q->size] = head;
   /* x86 stores are not reordered with other stores: a compiler barrier is enough to make the
    * descriptors and buffers visible before idx, and idx before the notification. */
   compiler_barrier();
   q->avail[1] = ++q->avail_idx;
   compiler_barrier();
+}
+
+void virtq_notify(struct virtq* q) {
   /* The notification data is the queue index (no NOTIFICATION_DATA feature). */
   MMIO16(q->notify_addr) = q->index;
+}
+
+void virtq_kick(struct virtq* q, uint16_t head) {
+  virtq_publish(q, head);
+  virtq_notify(q);
 }
 
 int virtq_wait(struct virtq* q, uint32_t max_spins, uint32_t* id, uint32_t* len) {

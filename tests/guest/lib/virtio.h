@@ -15,6 +15,7 @@
 #define VIRTIO_PCI_VENDOR 0x1af4
 #define VIRTIO_PCI_DEVICE_RNG 0x1044
 #define VIRTIO_PCI_DEVICE_BLK 0x1042
+#define VIRTIO_PCI_DEVICE_BALLOON 0x1045
 
 #define VIRTIO_F_VERSION_1 (1ull << 32)
 
@@ -76,6 +77,11 @@ int virtio_negotiate(struct virtio_pci* vp, uint64_t wanted, uint64_t* offered);
 /* Sets DRIVER_OK (after the queues); fails if the device then reports NEEDS_RESET/FAILED. */
 int virtio_driver_ok(struct virtio_pci* vp);
 uint8_t virtio_status(const struct virtio_pci* vp);
+/* Sets FAILED (keeping the other bits): the driver gives up on the device (virtio 1.x 3.1.1). */
+void virtio_set_failed(struct virtio_pci* vp);
+
+/* Reads a 32-bit device config field at `off`: one aligned access, consistent by itself. */
+uint32_t virtio_cfg_read32(const struct virtio_pci* vp, uint32_t off);
 
 /* Reads a 64-bit little-endian device config field at `off` with two 32-bit accesses, retried
  * while config_generation changes (virtio 1.x 4.1.4.3: a multi-access read is only consistent
@@ -113,9 +119,13 @@ void virtq_set_desc(struct virtq* q, uint16_t i, uint64_t addr, uint32_t len, ui
 
 /* Publishes chain `head` in the avail ring and notifies the device. */
 void virtq_kick(struct virtq* q, uint16_t head);
+/* The two halves of virtq_kick: publish without notifying (to batch chains), and notify. A
+ * notification with nothing new published is harmless (the device finds the ring empty). */
+void virtq_publish(struct virtq* q, uint16_t head);
+void virtq_notify(struct virtq* q);
 
 /* Spins (at most max_spins polls) until the used ring has a new entry; returns its id and len.
- * VIRTIO_ETIMEOUT if nothing arrived. */
+ * VIRTIO_ETIMEOUT if nothing arrived (at once with max_spins = 0: a non-blocking poll). */
 int virtq_wait(struct virtq* q, uint32_t max_spins, uint32_t* id, uint32_t* len);
 
 #endif /* TESTS_GUEST_LIB_VIRTIO_H_ */
