@@ -134,7 +134,7 @@ grpc::Status ApiServer::CancelMigration(grpc::ServerContext*, const CancelMigrat
   if (migration_ == nullptr || migration_->done())
     return FailedPrecondition("no migration is running");
   MigrationPhase phase = migration_->progress().phase();
-  if (phase == MIGRATION_POSTCOPY)
+  if (phase == MIGRATION_POSTCOPY || phase == MIGRATION_POSTCOPY_PAUSED)
     return FailedPrecondition(
         "the migration is in post-copy: the VM runs at the destination and needs the pages "
         "still here, so it cannot be cancelled");
@@ -163,11 +163,26 @@ grpc::Status ApiServer::WatchMigration(grpc::ServerContext* context,
       absl::Milliseconds(request->interval_ms() == 0 ? 200 : std::max(20u, request->interval_ms()));
   for (;;) {
     MigrationProgress p = m->Wait(interval);
+    // POSTCOPY_PAUSED ends a watch too: it waits for an operator (RecoverMigration), who then
+    // watches again.
     bool last = p.phase() == MIGRATION_COMPLETED || p.phase() == MIGRATION_FAILED ||
-                p.phase() == MIGRATION_CANCELLED;
+                p.phase() == MIGRATION_CANCELLED || p.phase() == MIGRATION_POSTCOPY_PAUSED;
     if (!writer->Write(p) || last || context->IsCancelled()) break;
   }
   return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::RecoverMigration(grpc::ServerContext*,
+                                         const RecoverMigrationRequest* request,
+                                         RecoverMigrationResponse*) {
+  if (request->destination().empty())
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "destination is required");
+  auto addr = ParseApiAddress(request->destination());
+  if (!addr.ok()) return ToGrpcStatus(addr.status());
+  absl::MutexLock lock(&mu_);
+  if (migration_ == nullptr) return FailedPrecondition("no migration has been started");
+  // The monitor thread keeps waiting: a paused post-copy is not over.
+  return ToGrpcStatus(migration_->RecoverPostcopy(addr->grpc));
 }
 
 grpc::Status ApiServer::ReceiveMigration(grpc::ServerContext*,

@@ -73,6 +73,9 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
                                CancelMigrationResponse* response) override;
   grpc::Status WatchMigration(grpc::ServerContext* context, const WatchMigrationRequest* request,
                               grpc::ServerWriter<MigrationProgress>* writer) override;
+  grpc::Status RecoverMigration(grpc::ServerContext* context,
+                                const RecoverMigrationRequest* request,
+                                RecoverMigrationResponse* response) override;
   grpc::Status ReceiveMigration(grpc::ServerContext* context,
                                 const ReceiveMigrationRequest* request,
                                 ReceiveMigrationResponse* response) override;

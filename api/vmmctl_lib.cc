@@ -49,6 +49,7 @@ constexpr struct {
     {Command::kReceive, "receive"},
     {Command::kBalloon, "balloon"},
     {Command::kBalloonStats, "balloon-stats"},
+    {Command::kMigrateRecover, "migrate-recover"},
 };
 
 // "create, boot, ..., receive" for error messages.
@@ -96,6 +97,8 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
               {"--streams", true}, {"--max-iterations", true}, {"--no-wait", false},
               {"--postcopy", false}, {"--postcopy-after", true},
               {"--json", false}};
+    case Command::kMigrateRecover:
+      return {{"--to", true}};
     case Command::kReceive:
       return {{"--listen", true}, {"--serial", true}, {"--disk", true}, {"--net", true},
               {"--vsock", true}};
@@ -472,7 +475,8 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
   if (*options.command == Command::kBalloon && !options.balloon_target_mib.has_value()) {
     return UsageError(absl::StrCat("missing --target SIZE", HelpHint(options.command)));
   }
-  if (*options.command == Command::kMigrate && options.migration.destination().empty()) {
+  if ((*options.command == Command::kMigrate || *options.command == Command::kMigrateRecover) &&
+      options.migration.destination().empty()) {
     return UsageError(absl::StrCat("missing --to ADDR (the destination VMM's --incoming address)",
                                    HelpHint(options.command)));
   }
@@ -592,6 +596,7 @@ std::string GeneralHelp() {
       "  migrate-postcopy  switch the running migration to post-copy\n"
       "  migrate-cancel    stop the running migration (the VM stays here)\n"
       "  migrate-status    show the progress or outcome of the last migration\n"
+      "  migrate-recover   continue a post-copy whose connections broke (POSTCOPY_PAUSED)\n"
       "  receive           make a VMM without a VM wait for an incoming migration\n"
       "  balloon           set the virtio-balloon target (memory taken from the guest)\n"
       "  balloon-stats     show the balloon and the guest's memory statistics\n"
@@ -599,7 +604,8 @@ std::string GeneralHelp() {
       CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo), "\n",
       CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigratePostcopy), "\n",
       CommandHelp(Command::kMigrateCancel), "\n",
-      CommandHelp(Command::kMigrateStatus), "\n", CommandHelp(Command::kReceive),
+      CommandHelp(Command::kMigrateStatus), "\n", CommandHelp(Command::kMigrateRecover), "\n",
+      CommandHelp(Command::kReceive),
       "\n"
       "exit status: 0 success, 1 the call failed (printed as 'vmmctl: CODE: message') or the\n"
       "migration did not complete, 2 bad command line.\n");
@@ -680,6 +686,12 @@ std::string CommandHelp(Command command) {
       return "vmmctl --socket PATH migrate-cancel: stop the running migration (CancelMigration).\n"
              "The VM keeps running on this VMM; a migration past the point of no return (the\n"
              "destination has everything) cannot be cancelled. No flags.\n";
+    case Command::kMigrateRecover:
+      return "vmmctl --socket PATH migrate-recover --to ADDR: a post-copy migration lost its\n"
+             "connections (phase POSTCOPY_PAUSED; both copies of the VM are paused): reconnect\n"
+             "to the same destination VMM at ADDR and continue (RecoverMigration); follow it\n"
+             "with 'vmmctl migrate-status'.\n"
+             "  --to ADDR               the destination's migration address (may be a new one)\n";
     case Command::kMigrateStatus:
       return "vmmctl --socket PATH migrate-status [--json]: show the current or last migration\n"
              "of this VMM (the first WatchMigration message), like the summary of 'migrate'\n"
@@ -769,7 +781,10 @@ std::string MigrationPhaseName(MigrationPhase phase) {
 }
 
 bool IsTerminalMigrationPhase(MigrationPhase phase) {
-  return phase == MIGRATION_COMPLETED || phase == MIGRATION_FAILED || phase == MIGRATION_CANCELLED;
+  // POSTCOPY_PAUSED is not final for the migration, but a watch ends there (it needs
+  // 'vmmctl migrate-recover').
+  return phase == MIGRATION_COMPLETED || phase == MIGRATION_FAILED ||
+         phase == MIGRATION_CANCELLED || phase == MIGRATION_POSTCOPY_PAUSED;
 }
 
 std::string FormatMigrationProgressLine(const MigrationProgress& p) {
@@ -1000,6 +1015,10 @@ int RunMigrate(Vmm::Stub& stub, const Options& options, std::ostream& out, std::
         << (last.error().empty() ? "(no error message)"
                                  : absl::StrReplaceAll(last.error(), {{"\r", ""}, {"\n", "; "}}))
         << "\n";
+    if (last.phase() == MIGRATION_POSTCOPY_PAUSED)
+      err << "vmmctl: the VM is paused on both hosts; once the destination is reachable run "
+             "'vmmctl --socket "
+          << options.socket << " migrate-recover --to ADDR'\n";
     return 1;
   }
   return 0;
@@ -1104,6 +1123,14 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
     case Command::kMigratePostcopy: {
       StartPostcopyResponse response;
       status = stub->StartPostcopy(&context, StartPostcopyRequest(), &response);
+      break;
+    }
+    case Command::kMigrateRecover: {
+      RecoverMigrationRequest request;
+      request.set_destination(AbsoluteAddress(options.migration.destination(), Cwd()));
+      RecoverMigrationResponse response;
+      status = stub->RecoverMigration(&context, request, &response);
+      if (status.ok()) out << "post-copy recovery via " << request.destination() << " started\n";
       break;
     }
     case Command::kMigrateCancel: {

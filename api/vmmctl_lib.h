@@ -31,6 +31,7 @@ enum class Command {
   kReceive,
   kBalloon,
   kBalloonStats,
+  kMigrateRecover,
 };
 
 // "create", "boot", ..., "migrate-status", "receive" -> Command; nullopt for anything else.

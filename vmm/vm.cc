@@ -267,6 +267,7 @@ class VmImpl : public Vm {
   absl::Time boot_time_ = absl::InfinitePast();
   absl::Time exit_time_ = absl::InfinitePast();
   std::string migration_note_;
+  bool pausing_ = false;  // Pause() is waiting for the vCPUs (state_ still kRunning)
 };
 
 absl::Status VmImpl::Build() {
@@ -710,8 +711,14 @@ absl::Status VmImpl::Boot() {
 }
 
 absl::Status VmImpl::Pause() {
-  std::lock_guard lock(mu_);
-  if (absl::Status s = CheckState(RunState::kRunning, "pause"); !s.ok()) return s;
+  {
+    std::lock_guard lock(mu_);
+    if (absl::Status s = CheckState(RunState::kRunning, "pause"); !s.ok()) return s;
+    if (pausing_) return absl::FailedPreconditionError("cannot pause: a pause is in progress");
+    pausing_ = true;
+  }
+  // Not under mu_: a vCPU may take a while to park (post-copy: one waiting for a page parks
+  // only after it arrives), and state(), GetInfo etc. must keep answering meanwhile.
   for (auto& v : vcpus_) v->RequestPause();
   // Wait until every vCPU is parked. One waiting for a post-copy page in the kernel runs no guest
   // code; it is not kicked (see Vcpu::BlockedOnMissingPage) and parks at its next exit.
@@ -727,7 +734,9 @@ absl::Status VmImpl::Pause() {
   // Then the devices: no handler runs, and nothing a device started still writes guest memory.
   loop_->Pause();
   for (VirtioSlot& v : virtio_) v.device->Quiesce();
-  state_ = RunState::kPaused;
+  std::lock_guard lock(mu_);
+  pausing_ = false;
+  if (state_ == RunState::kRunning) state_ = RunState::kPaused;  // not if it exited meanwhile
   return absl::OkStatus();
 }
 

@@ -75,12 +75,21 @@ absl::Status MigrationDestination::AcceptHeader(const MigrationHeader& h) {
 
 grpc::Status MigrationDestination::Control(
     grpc::ServerContext* ctx, grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream) {
+  bool again;
   {
     absl::MutexLock lock(&mu_);
-    if (started_)
+    again = started_;
+    started_ = true;
+  }
+  if (again) {
+    // The one migration may only come back to recover a broken post-copy.
+    SourceMessage msg;
+    if (!stream->Read(&msg) || !msg.has_recover())
       return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
                           "this VMM already has an incoming migration");
-    started_ = true;
+    absl::Status s = RunRecover(stream, msg.recover());
+    if (!s.ok()) LOG_ERROR("post-copy recovery refused or failed: %s", s.message());
+    return ToGrpcStatus(s);
   }
   absl::Status s = RunControl(ctx, stream);
   if (!s.ok()) {
@@ -206,7 +215,10 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   auto end = [&](absl::Status s) {
     absl::MutexLock lock(&mu_);
     // Only a stream of the running migration can spoil it; a stray call is just refused.
-    if (!s.ok() && stream >= 0 && page_error_.empty()) page_error_ = std::string(s.message());
+    // Push streams of a connection set that broke before a recovery cannot spoil it.
+    const bool current = stream >= 0 && (static_cast<uint32_t>(stream) < precopy_streams_ ||
+                                         static_cast<uint32_t>(stream) >= push_first_);
+    if (!s.ok() && current && page_error_.empty()) page_error_ = std::string(s.message());
     if (stream >= 0 && static_cast<size_t>(stream) < stream_state_.size()) stream_state_[stream] = 2;
     --pages_in_progress_;
     return s;
@@ -317,11 +329,13 @@ grpc::Status MigrationDestination::Demand(
     lane = lanes_[batch.stream()].get();
     mem = &vm_raw_->memory();
   }
+  uint64_t generation;
   {
     absl::MutexLock lock(&lane->mu);
     if (lane->seen)
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "demand lane opened twice");
     lane->seen = true;
+    generation = generation_.load();
     lane->stream = stream;
     if (!lane->pending.empty()) {
       PageRequest req;
@@ -344,9 +358,10 @@ grpc::Status MigrationDestination::Demand(
   }
   {
     absl::MutexLock lock(&lane->mu);
-    lane->stream = nullptr;
+    if (lane->stream == stream) lane->stream = nullptr;  // else a recovery reopened the lane
   }
-  if (postcopy_running_.load() && postcopy_ != nullptr && !postcopy_->complete())
+  if (generation == generation_.load() && postcopy_running_.load() && postcopy_ != nullptr &&
+      !postcopy_->complete())
     FailPostcopy(status.ok() ? absl::UnavailableError(absl::StrFormat(
                                    "demand lane %d to the source was lost", batch.stream()))
                              : status);
@@ -387,8 +402,10 @@ void MigrationDestination::FailPostcopy(const absl::Status& why) {
   vm->SetMigrationNote(note);
   // Pausing kicks vCPUs out of KVM_RUN; one waiting on a missing page leaves its fault when
   // signalled. Done off this gRPC thread so the service never blocks on it.
-  std::thread([vm] {
-    if (vm->state() == RunState::kRunning) (void)vm->Pause();
+  failure_pause_done_ = false;
+  std::thread([this, vm] {
+    if (vm->state() == RunState::kRunning && vm->Pause().ok()) paused_by_failure_ = true;
+    failure_pause_done_ = true;
   }).detach();
 }
 
@@ -426,6 +443,7 @@ absl::Status MigrationDestination::RunPostcopy(
   {
     absl::MutexLock lock(&mu_);
     streams_ = precopy_streams_ + sp.push_streams();
+    push_first_ = precopy_streams_;
     received_.resize(streams_, 0);
     stream_state_.resize(streams_, 0);
   }
@@ -443,11 +461,7 @@ absl::Status MigrationDestination::RunPostcopy(
   if (absl::Status s = vm->Boot(); !s.ok()) return s;
   reply.Clear();
   reply.mutable_resumed()->set_resume_unix_ns(absl::ToUnixNanos(absl::Now()));
-  absl::Mutex write_mu;  // Control writes: this thread and the stats reporter
-  {
-    absl::MutexLock lock(&write_mu);
-    stream->Write(reply);
-  }
+  stream->Write(reply);
   LOG_INFO("incoming migration: VM running here, pages arrive on demand and by push");
   {
     std::unique_ptr<Vm> running;
@@ -457,6 +471,15 @@ absl::Status MigrationDestination::RunPostcopy(
     }
     Finish(std::move(running));  // the VMM adopts the running VM now
   }
+  ServePostcopy(stream, precopy_streams_);
+  return absl::OkStatus();  // a failure is reported on the VM (which was handed over)
+}
+
+void MigrationDestination::ServePostcopy(
+    grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream, uint32_t first_push) {
+  absl::Mutex write_mu;  // Control writes: this thread and the stats reporter
+  SourceMessage msg;
+  DestinationMessage reply;
   // Progress for the source's WatchMigration.
   std::atomic<bool> stop_stats{false};
   std::thread reporter([&] {
@@ -471,7 +494,7 @@ absl::Status MigrationDestination::RunPostcopy(
   absl::Status result;
   if (!stream->Read(&msg) || !msg.has_postcopy_complete()) {
     result = absl::UnavailableError("the source went away before it pushed every page");
-  } else if (absl::Status s = WaitStreamsClosed(precopy_streams_,
+  } else if (absl::Status s = WaitStreamsClosed(first_push,
                                                 msg.postcopy_complete().pages_per_stream());
              !s.ok()) {
     result = s;
@@ -492,11 +515,12 @@ absl::Status MigrationDestination::RunPostcopy(
   reporter.join();
   if (!result.ok()) {
     FailPostcopy(result);
-    {
-      absl::MutexLock lock(&mu_);
-      migration_id_.clear();
-    }
-    return absl::OkStatus();  // the VM was handed over; the failure is reported on the VM
+    absl::MutexLock lock(&mu_);
+    // From now on the source may come back with Recover (one recovery at a time).
+    recover_id_ = migration_id_;
+    migration_id_.clear();
+    recovering_ = false;
+    return;
   }
   postcopy_running_ = false;
   reply.Clear();
@@ -505,8 +529,90 @@ absl::Status MigrationDestination::RunPostcopy(
   {
     absl::MutexLock lock(&mu_);
     migration_id_.clear();
+    recovering_ = false;
   }
   LOG_INFO("incoming migration: post-copy complete, every page present");
+}
+
+absl::Status MigrationDestination::RunRecover(
+    grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream, const Recover& r) {
+  if (r.push_streams() == 0 || r.push_streams() > kMaxPageStreams)
+    return absl::InvalidArgumentError("bad number of push streams");
+  uint32_t first;
+  {
+    absl::MutexLock lock(&mu_);
+    if (postcopy_ == nullptr || postcopy_vm_ == nullptr || recovering_ || recover_id_.empty() ||
+        r.migration_id() != recover_id_)
+      return absl::FailedPreconditionError(
+          "no broken post-copy migration with this id waits for recovery here");
+    // Bounded: every recovery adds streams, a misbehaving source cannot grow this forever.
+    if (streams_ + r.push_streams() > 64 * kMaxPageStreams)
+      return absl::ResourceExhaustedError("too many post-copy recoveries");
+    recovering_ = true;
+    recover_id_.clear();
+    migration_id_ = r.migration_id();  // lanes and push streams of this id are accepted again
+    page_error_.clear();
+    first = streams_;
+    push_first_ = first;
+    streams_ += r.push_streams();
+    received_.resize(streams_, 0);
+    stream_state_.resize(streams_, 0);
+  }
+  generation_.fetch_add(1);
+  for (auto& l : lanes_) {
+    absl::MutexLock lock(&l->mu);
+    l->seen = false;
+  }
+  auto abandon = [&](absl::Status why) {
+    absl::MutexLock lock(&mu_);
+    recover_id_ = r.migration_id();
+    migration_id_.clear();
+    recovering_ = false;
+    return why;
+  };
+  // What the destination has now. In-flight pages are not present: Refetch asks for them again
+  // and the source pushes them too (their answer may have been lost with the old connection).
+  const PageStateMap& states = postcopy_->page_states();
+  const GuestMemory& mem = postcopy_vm_->memory();
+  DestinationMessage reply;
+  RecoverState* rs = reply.mutable_recover_state();
+  rs->set_first_push_stream(first);
+  uint64_t present_pages = 0;
+  for (size_t i = 0; i < mem.regions().size(); ++i) {
+    uint64_t pages = mem.regions()[i].size / kPageSize;
+    std::vector<uint64_t> words((pages + 63) / 64);
+    for (uint64_t p = 0; p < pages; ++p) {
+      PageState st = states.Get(states.FirstPage(i) + p);
+      if (st == PageState::kPresent || st == PageState::kInstalling) {
+        words[p / 64] |= 1ULL << (p % 64);
+        ++present_pages;
+      }
+    }
+    rs->add_present(std::string(reinterpret_cast<const char*>(words.data()), words.size() * 8));
+  }
+  LOG_INFO("incoming migration %s: post-copy recovery, %d pages present, %d missing",
+           r.migration_id(), present_pages, postcopy_->missing_pages());
+  if (!stream->Write(reply)) return abandon(absl::UnavailableError("source went away"));
+  SourceMessage msg;
+  if (!stream->Read(&msg) || !msg.has_go())
+    return abandon(absl::UnavailableError("source did not send Go for the recovery"));
+  postcopy_failed_ = false;
+  postcopy_->Refetch();
+  Vm* vm = postcopy_vm_;
+  vm->SetMigrationNote("");
+  // The failure's pause may itself wait for a thread that needs a page (arriving now).
+  for (absl::Time end = absl::Now() + absl::Seconds(30);
+       !failure_pause_done_.load() && absl::Now() < end;)
+    absl::SleepFor(absl::Milliseconds(5));
+  if (paused_by_failure_.exchange(false) && vm->state() == RunState::kPaused) {
+    if (absl::Status s = vm->Resume(); !s.ok())
+      LOG_ERROR("post-copy recovery: cannot resume the guest: %s", s.message());
+  }
+  reply.Clear();
+  reply.mutable_resumed()->set_resume_unix_ns(absl::ToUnixNanos(absl::Now()));
+  stream->Write(reply);
+  LOG_INFO("incoming migration %s: post-copy recovered, guest running again", r.migration_id());
+  ServePostcopy(stream, first);
   return absl::OkStatus();
 }
 

@@ -53,12 +53,20 @@ class MigrationDestination final : public Migration::Service {
   // waiting threads stay blocked (no page is zero-filled); the VM carries a note for the API.
   void FailPostcopy(const absl::Status& why);
   PostcopyStats PostcopyStatsNow() const;
+  // After Go (or a recovery's Go): stats reporter, PostcopyComplete for push streams
+  // [first_push, streams_), every page present, PostcopyDone. On failure the migration becomes
+  // recoverable (FailPostcopy).
+  void ServePostcopy(grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream,
+                     uint32_t first_push);
+  // A new Control stream whose first message is Recover (after FailPostcopy).
+  absl::Status RunRecover(grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream,
+                          const Recover& r);
 
   struct Lane {
     absl::Mutex mu;
     grpc::ServerReaderWriter<PageRequest, PageBatch>* stream ABSL_GUARDED_BY(mu) = nullptr;
     std::vector<uint64_t> pending ABSL_GUARDED_BY(mu);  // asked before the lane was open
-    bool seen ABSL_GUARDED_BY(mu) = false;
+    bool seen ABSL_GUARDED_BY(mu) = false;  // opened in this connection generation
   };
 
   const VmConfig local_;
@@ -83,6 +91,14 @@ class MigrationDestination final : public Migration::Service {
   std::atomic<bool> postcopy_running_{false};  // between Go and PostcopyDone
   std::atomic<bool> postcopy_failed_{false};
   Vm* postcopy_vm_ = nullptr;  // owned by whoever took it from done_ (outlives this service)
+  // Recovery. A generation counts connection sets: handlers of an older one (still winding down
+  // after the link dropped) must not fail the recovered migration.
+  std::atomic<uint64_t> generation_{0};
+  std::string recover_id_ ABSL_GUARDED_BY(mu_);  // set while a failed post-copy may recover
+  bool recovering_ ABSL_GUARDED_BY(mu_) = false;
+  uint32_t push_first_ ABSL_GUARDED_BY(mu_) = 0;  // first push stream of this generation
+  std::atomic<bool> paused_by_failure_{false};  // FailPostcopy paused the guest
+  std::atomic<bool> failure_pause_done_{true};   // its pause thread has returned
 };
 
 }  // namespace microvmm::migration

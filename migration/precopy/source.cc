@@ -97,7 +97,7 @@ class MigrationSource::Session {
  public:
   explicit Session(MigrationSource* owner)
       : o_(owner), vm_(owner->vm_), mem_(owner->vm_->memory()),
-        limiter_(owner->options_.bandwidth_limit) {}
+        limiter_(owner->options_.bandwidth_limit), destination_(owner->options_.destination) {}
 
   absl::Status Run();
   void CancelRpcs() {
@@ -129,6 +129,10 @@ class MigrationSource::Session {
   // Outcome after Run(): was the VM handed over (Ready received)?
   bool committed() const { return committed_.load(); }
   bool paused_by_us() const { return paused_by_us_; }
+  // The destination runs the VM in post-copy (Resumed received): a failure now can be recovered.
+  bool postcopy_live() const { return postcopy_live_.load(); }
+  // Post-copy recovery to `destination` after a failed post-copy (see migration.proto).
+  absl::Status Recover(const std::string& destination);
 
  private:
   struct Stream {
@@ -142,6 +146,7 @@ class MigrationSource::Session {
     std::vector<uint64_t> sent;  // pages of `todo` actually sent in this pass
     size_t stopped_at = 0;       // todo[stopped_at..] not sent (a switch to post-copy)
     absl::Status status;
+    bool finished = false;       // writer->Finish() was called
   };
   using ControlStream = grpc::ClientReaderWriter<SourceMessage, DestinationMessage>;
 
@@ -150,6 +155,10 @@ class MigrationSource::Session {
   // `stale`: pages harvested dirty but not sent yet (the final harvest is added here).
   absl::Status RunPostcopy(ControlStream& control, bool tracking, uint32_t iteration,
                            DirtySet& stale);
+  // After Go/Resumed: pushes on streams_[push_base..], answers lanes, PostcopyComplete, Done.
+  absl::Status PostcopyLoop(ControlStream& control, size_t push_base);
+  // Opens the demand lanes (a connection of their own) and starts serving them.
+  absl::Status OpenLanes(uint32_t nlanes);
   absl::Status OpenPageStream(uint32_t index);
   // Serves one demand lane until the destination closes it.
   void ServeLane(uint32_t lane);
@@ -185,6 +194,8 @@ class MigrationSource::Session {
   Vm* const vm_;
   GuestMemory& mem_;
   BandwidthLimiter limiter_;
+  std::string destination_;  // changes only between attempts (recovery), on the run thread
+  std::atomic<bool> postcopy_live_{false};
   absl::Time start_ = absl::Now();
   absl::Mutex ctx_mu_;
   bool cancelled_ ABSL_GUARDED_BY(ctx_mu_) = false;
@@ -231,7 +242,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MigrationSource::Session::Connect
   args.SetMaxSendMessageSize(-1);
   auto creds = o_->options_.credentials ? o_->options_.credentials
                                         : grpc::InsecureChannelCredentials();
-  auto ch = grpc::CreateCustomChannel(o_->options_.destination, creds, args);
+  auto ch = grpc::CreateCustomChannel(destination_, creds, args);
   // Short waits so that a cancel is noticed while connecting.
   const absl::Time deadline = absl::Now() + absl::Seconds(10);
   while (!ch->WaitForConnected(absl::ToChronoTime(
@@ -239,7 +250,7 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MigrationSource::Session::Connect
     if (Cancelled()) return absl::CancelledError("migration cancelled while connecting");
     if (absl::Now() >= deadline)
       return absl::UnavailableError(
-          absl::StrCat("cannot connect to the destination ", o_->options_.destination,
+          absl::StrCat("cannot connect to the destination ", destination_,
                        " (is `vmm --incoming` listening there?)"));
   }
   return ch;
@@ -692,6 +703,7 @@ absl::Status MigrationSource::Session::PushStream(uint32_t index) {
     limiter_.Acquire(bytes, o_->cancel_);
     if (!s.writer->Write(batch)) {
       grpc::Status st = s.writer->Finish();
+      s.finished = true;
       return FromGrpc(st.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream closed") : st,
                       "post-copy push stream to the destination failed");
     }
@@ -792,27 +804,7 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
 
   // Demand lanes (multiplexed on one connection of their own, away from the bulk push) must be
   // up before the destination can fault: its state restore may already touch missing pages.
-  auto ch = Connect();
-  if (!ch.ok()) return ch.status();
-  lane_channel_ = *ch;
-  auto lane_stub = Migration::NewStub(lane_channel_);
-  for (uint32_t i = 0; i < nlanes; ++i) {
-    auto l = std::make_unique<LaneConn>();
-    {
-      absl::MutexLock lock(&ctx_mu_);
-      if (cancelled_) return absl::CancelledError("migration cancelled");
-      l->ctx = std::make_unique<grpc::ClientContext>();
-    }
-    l->stream = lane_stub->Demand(l->ctx.get());
-    PageBatch hello;
-    hello.set_migration_id(o_->id_);
-    hello.set_stream(i);
-    if (!l->stream->Write(hello))
-      return absl::UnavailableError(absl::StrCat("demand lane ", i, " could not be opened"));
-    lanes_.push_back(std::move(l));
-  }
-  for (uint32_t i = 0; i < nlanes; ++i)
-    lanes_[i]->thread = std::thread([this, i] { ServeLane(i); });
+  if (absl::Status s = OpenLanes(nlanes); !s.ok()) return s;
   LOG_INFO("migration %s: post-copy switchover: %d pages present at the destination, %d zero, "
            "%d to pull or push",
            o_->id_, present_pages, zero_pages, missing);
@@ -835,12 +827,53 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
         "the destination did not confirm that it resumed the VM; the source VM stays paused so "
         "that it never runs twice — check the destination");
   const int64_t resume_ns = reply.resumed().resume_unix_ns();
+  postcopy_live_ = true;
   Progress([&](MigrationProgress& p) {
     p.set_phase(MIGRATION_POSTCOPY);
     p.set_source_pause_unix_ns(pause_ns);
     p.set_destination_resume_unix_ns(resume_ns);
     p.set_downtime_ms(std::max<int64_t>(0, (resume_ns - pause_ns) / 1000000));
   });
+  return PostcopyLoop(control, push_base);
+}
+
+absl::Status MigrationSource::Session::OpenLanes(uint32_t nlanes) {
+  auto ch = Connect();
+  if (!ch.ok()) return ch.status();
+  lane_channel_ = *ch;
+  auto lane_stub = Migration::NewStub(lane_channel_);
+  lanes_.clear();  // a recovery: the old lanes were joined when the post-copy failed
+  for (uint32_t i = 0; i < nlanes; ++i) {
+    auto l = std::make_unique<LaneConn>();
+    {
+      absl::MutexLock lock(&ctx_mu_);
+      if (cancelled_) return absl::CancelledError("migration cancelled");
+      l->ctx = std::make_unique<grpc::ClientContext>();
+    }
+    l->stream = lane_stub->Demand(l->ctx.get());
+    PageBatch hello;
+    hello.set_migration_id(o_->id_);
+    hello.set_stream(i);
+    if (!l->stream->Write(hello)) {
+      l->ctx->TryCancel();
+      (void)l->stream->Finish();
+      for (auto& o : lanes_) {
+        o->ctx->TryCancel();
+        (void)o->stream->Finish();
+      }
+      lanes_.clear();
+      return absl::UnavailableError(absl::StrCat("demand lane ", i, " could not be opened"));
+    }
+    lanes_.push_back(std::move(l));
+  }
+  for (uint32_t i = 0; i < nlanes; ++i)
+    lanes_[i]->thread = std::thread([this, i] { ServeLane(i); });
+  return absl::OkStatus();
+}
+
+absl::Status MigrationSource::Session::PostcopyLoop(ControlStream& control, size_t push_base) {
+  const SourceOptions& opt = o_->options_;
+  SourceMessage msg;
 
   // Destination reports (stats, then done) arrive on the control stream.
   std::atomic<bool> done{false};
@@ -875,6 +908,7 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
       Stream& s = *streams_[i];
       s.writer->WritesDone();
       grpc::Status st = s.writer->Finish();
+      s.finished = true;
       if (!st.ok() && result.ok()) result = FromGrpc(st, "post-copy push stream");
       push_counts.push_back(s.pages_sent);
     }
@@ -891,6 +925,11 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
   } else {
     CancelRpcs();
     reader.join();
+    for (size_t i = push_base; i < streams_.size(); ++i)
+      if (!streams_[i]->finished) {
+        (void)streams_[i]->writer->Finish();  // cancelled: returns at once
+        streams_[i]->finished = true;
+      }
   }
   for (auto& l : lanes_) {
     {
@@ -922,8 +961,103 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
     return absl::Status(result.code(),
                         absl::StrCat("post-copy: ", result.message(),
                                      " (the VM runs at the destination; this copy stays paused)"));
-  vm_->MarkMigrated(absl::StrCat("migrated to ", o_->options_.destination, " (post-copy)"));
+  vm_->MarkMigrated(absl::StrCat("migrated to ", destination_, " (post-copy)"));
   return absl::OkStatus();
+}
+
+absl::Status MigrationSource::Session::Recover(const std::string& destination) {
+  destination_ = destination;
+  {
+    absl::MutexLock lock(&ctx_mu_);
+    cancelled_ = false;  // CancelRpcs() of the failed attempt; a user cancel stops nothing here
+    control_ctx_ = std::make_unique<grpc::ClientContext>();
+  }
+  auto ch = Connect();
+  if (!ch.ok()) return ch.status();
+  auto stub = Migration::NewStub(*ch);
+  auto control = stub->Control(control_ctx_.get());
+  auto control_error = [&](absl::string_view what) {
+    grpc::Status st = control->Finish();
+    if (!st.ok()) return FromGrpc(st, "destination");
+    return absl::UnavailableError(absl::StrCat("destination closed the control stream ", what));
+  };
+  const uint32_t nstreams = o_->options_.streams;
+  SourceMessage msg;
+  msg.mutable_recover()->set_migration_id(o_->id_);
+  msg.mutable_recover()->set_push_streams(nstreams);
+  if (!control->Write(msg)) return control_error("before the recovery request");
+  DestinationMessage reply;
+  if (!control->Read(&reply)) return control_error("refusing the recovery");
+  if (!reply.has_recover_state()) return absl::InternalError("destination sent no RecoverState");
+  const RecoverState& rs = reply.recover_state();
+  // The destination numbers this recovery's push streams after every index it ever granted
+  // (an earlier recovery may have failed before opening all of its streams): skip the gap.
+  if (rs.first_push_stream() < streams_.size() || rs.first_push_stream() > 64 * kMaxPageStreams)
+    return absl::InternalError(absl::StrFormat("destination numbers push streams from %d, not %d",
+                                               rs.first_push_stream(), streams_.size()));
+  while (streams_.size() < rs.first_push_stream()) {
+    streams_.push_back(std::make_unique<Stream>());
+    streams_.back()->finished = true;  // never opened
+  }
+  if (static_cast<size_t>(rs.present_size()) != mem_.regions().size())
+    return absl::InvalidArgumentError("RecoverState: wrong number of regions");
+  // Push again every page the destination lacks (and the source sent before, if at all: the
+  // answer may have died with the connection). Zero pages stay out, as at the switchover.
+  uint64_t missing = 0;
+  for (size_t ri = 0; ri < mem_.regions().size(); ++ri) {
+    const uint64_t pages = mem_.regions()[ri].size / kPageSize;
+    const std::string& b = rs.present(static_cast<int>(ri));
+    if (b.size() != (pages + 63) / 64 * 8)
+      return absl::InvalidArgumentError("RecoverState: bad present map size");
+    for (uint64_t p = 0; p < pages; ++p) {
+      const bool present = (static_cast<uint8_t>(b[p / 8]) >> (p % 8)) & 1;
+      const uint64_t i = page_base_[ri].second + p;
+      const uint64_t bit = 1ULL << (i % 64);
+      if (present) {
+        push_todo_[i / 64].fetch_and(~bit);
+        delivered_[i / 64].fetch_or(bit);
+      } else {
+        delivered_[i / 64].fetch_and(~bit);
+        if (push_todo_[i / 64].load() & bit) ++missing;
+      }
+    }
+  }
+  {
+    absl::MutexLock lock(&push_mu_);
+    push_cursor_ = 0;
+    push_left_ = missing;
+    last_hint_ = UINT64_MAX;
+  }
+  LOG_INFO("migration %s: post-copy recovery via %s: %d pages still to push", o_->id_,
+           destination_, missing);
+  if (absl::Status s = OpenLanes(vm_->config().vcpus() + 1); !s.ok()) return s;
+  const size_t push_base = streams_.size();
+  auto fail = [&](absl::Status s) {
+    CancelRpcs();
+    for (auto& l : lanes_) {
+      l->ctx->TryCancel();
+      l->thread.join();
+      (void)l->stream->Finish();
+    }
+    lanes_.clear();
+    for (size_t i = push_base; i < streams_.size(); ++i)
+      if (!streams_[i]->finished) {
+        (void)streams_[i]->writer->Finish();
+        streams_[i]->finished = true;
+      }
+    return s;
+  };
+  for (uint32_t i = 0; i < nstreams; ++i)
+    if (absl::Status s = OpenPageStream(push_base + i); !s.ok()) return fail(s);
+  msg.Clear();
+  msg.mutable_go();
+  if (!control->Write(msg) || !control->Read(&reply) || !reply.has_resumed())
+    return fail(absl::UnavailableError("the destination did not resume after the recovery"));
+  Progress([&](MigrationProgress& p) {
+    p.set_phase(MIGRATION_POSTCOPY);
+    p.clear_error();
+  });
+  return PostcopyLoop(*control, push_base);
 }
 
 absl::Status MigrationSource::StartPostcopy() {
@@ -957,8 +1091,38 @@ absl::StatusOr<std::unique_ptr<MigrationSource>> MigrationSource::Start(Vm* vm,
   return m;
 }
 
-void MigrationSource::Run() {
-  absl::Status s = session_->Run();
+void MigrationSource::Run() { Conclude(session_->Run()); }
+
+absl::Status MigrationSource::RecoverPostcopy(const std::string& destination) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (progress_.phase() != MIGRATION_POSTCOPY_PAUSED || recovering_)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "no paused post-copy to recover (migration is ", MigrationPhase_Name(progress_.phase()),
+          ")"));
+    recovering_ = true;
+  }
+  if (thread_.joinable()) thread_.join();  // the attempt that failed has returned
+  {
+    absl::MutexLock lock(&mu_);
+    progress_.set_phase(MIGRATION_POSTCOPY);
+    progress_.set_destination(destination);
+  }
+  thread_ = std::thread([this, destination] { Conclude(session_->Recover(destination)); });
+  return absl::OkStatus();
+}
+
+void MigrationSource::Conclude(absl::Status s) {
+  if (!s.ok() && session_->postcopy_live()) {
+    // The destination runs the guest and waits (paused) for the pages still here: keep them.
+    LOG_ERROR("migration %s: post-copy paused: %s", id_, s.message());
+    absl::MutexLock lock(&mu_);
+    progress_.set_phase(MIGRATION_POSTCOPY_PAUSED);
+    progress_.set_error(absl::StrCat(
+        s.message(), "; recover with RecoverMigration (vmmctl migrate-recover --to ADDR)"));
+    recovering_ = false;
+    return;
+  }
   if (!s.ok() && !session_->committed()) {
     // Nothing changes for the guest: stop logging dirty pages, resume if we paused it.
     session_->CancelRpcs();
@@ -976,6 +1140,7 @@ void MigrationSource::Run() {
     progress_.set_phase(cancel_ && !session_->committed() ? MIGRATION_CANCELLED : MIGRATION_FAILED);
     progress_.set_error(std::string(s.message()));
   }
+  recovering_ = false;
   done_ = true;
 }
 
@@ -988,6 +1153,13 @@ void MigrationSource::Cancel() {
   {
     absl::MutexLock lock(&mu_);
     if (done_) return;
+    if (progress_.phase() == MIGRATION_POSTCOPY_PAUSED && !recovering_) {
+      // Only when the VMM goes away (the API refuses to cancel a post-copy): give up recovery.
+      progress_.set_phase(MIGRATION_FAILED);
+      progress_.set_error(absl::StrCat("post-copy abandoned while paused: ", progress_.error()));
+      done_ = true;
+      return;
+    }
   }
   // Past Ready the VM belongs to the destination: cancelling would strand a post-copy guest.
   if (session_ && session_->committed()) return;

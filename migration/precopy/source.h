@@ -43,6 +43,10 @@ class MigrationSource {
   // Switches a running pre-copy to post-copy at the next opportunity (the current pass stops).
   // FailedPrecondition when the migration is over or already past its switchover.
   absl::Status StartPostcopy();
+  // Post-copy recovery: the migration is MIGRATION_POSTCOPY_PAUSED (its connections broke after
+  // the destination resumed the VM). Reconnects to `destination` (grpc target) in the
+  // background; the phase goes back to MIGRATION_POSTCOPY, then COMPLETED, or PAUSED again.
+  absl::Status RecoverPostcopy(const std::string& destination);
   // Waits until the migration ended or `timeout` passed; returns the latest progress.
   MigrationProgress Wait(absl::Duration timeout) const;
   const std::string& id() const { return id_; }
@@ -50,6 +54,7 @@ class MigrationSource {
  private:
   MigrationSource(Vm* vm, SourceOptions options);
   void Run();
+  void Conclude(absl::Status s);  // end of an attempt: COMPLETED/FAILED/.../POSTCOPY_PAUSED
   class Session;
 
   Vm* const vm_;
@@ -59,7 +64,8 @@ class MigrationSource {
   std::atomic<bool> postcopy_requested_{false};
   mutable absl::Mutex mu_;
   MigrationProgress progress_ ABSL_GUARDED_BY(mu_);
-  bool done_ ABSL_GUARDED_BY(mu_) = false;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;  // final (POSTCOPY_PAUSED is not)
+  bool recovering_ ABSL_GUARDED_BY(mu_) = false;
   std::unique_ptr<Session> session_;
   std::thread thread_;
 };

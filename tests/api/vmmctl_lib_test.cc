@@ -82,6 +82,24 @@ TEST(ParseArgs, ValueMayStartWithDash) {
   EXPECT_EQ(o->config.cmdline(), "-v");
 }
 
+TEST(ParseArgs, PostcopyCommandsAndFlags) {
+  absl::StatusOr<Options> o = Parse({"--socket", "/s", "migrate", "--to", "/d", "--postcopy"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->migration.mode(), StartMigrationRequest::POSTCOPY);
+  o = Parse({"--socket", "/s", "migrate", "--to", "/d", "--postcopy-after", "3"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->migration.postcopy_after_iterations(), 3u);
+  EXPECT_THAT(ParseError({"--socket", "/s", "migrate", "--to", "/d", "--postcopy-after", "0"}),
+              HasSubstr("--postcopy-after"));
+  o = Parse({"--socket", "/s", "migrate-postcopy"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(*o->command, Command::kMigratePostcopy);
+  o = Parse({"--socket", "/s", "migrate-recover", "--to", "/d2"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(*o->command, Command::kMigrateRecover);
+  EXPECT_THAT(ParseError({"--socket", "/s", "migrate-recover"}), HasSubstr("--to"));
+}
+
 TEST(ParseArgs, SimpleCommands) {
   for (auto [name, command] :
        std::vector<std::pair<std::string, Command>>{{"boot", Command::kBoot},
