@@ -734,7 +734,13 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
     if (!st.ok()) return FromGrpc(st, "destination");
     return absl::UnavailableError(absl::StrCat("destination closed the control stream ", what));
   };
-  const int64_t pause_ns = absl::ToUnixNanos(absl::Now());
+  // Demand lanes (multiplexed on one connection of their own, away from the bulk push) must be
+  // up before the destination can fault (its state restore may already touch missing pages);
+  // they are opened while the guest still runs, to keep that out of the downtime.
+  const uint32_t nlanes = vm_->config().vcpus() + 1;
+  if (absl::Status s = OpenLanes(nlanes); !s.ok()) return s;
+  const absl::Time pause_time = absl::Now();
+  const int64_t pause_ns = absl::ToUnixNanos(pause_time);
   if (hints_) vm_->StopFreePageHints();
   if (absl::Status s = vm_->Pause(); !s.ok()) return s;
   paused_by_us_ = true;
@@ -798,16 +804,12 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
   *sp->mutable_state() = std::move(*state);
   for (uint64_t n : precopy_counts) sp->add_pages_per_stream(n);
   sp->set_source_pause_unix_ns(pause_ns);
-  const uint32_t nlanes = vm_->config().vcpus() + 1;
   sp->set_lanes(nlanes);
   sp->set_push_streams(opt.streams);
-
-  // Demand lanes (multiplexed on one connection of their own, away from the bulk push) must be
-  // up before the destination can fault: its state restore may already touch missing pages.
-  if (absl::Status s = OpenLanes(nlanes); !s.ok()) return s;
   LOG_INFO("migration %s: post-copy switchover: %d pages present at the destination, %d zero, "
-           "%d to pull or push",
-           o_->id_, present_pages, zero_pages, missing);
+           "%d to pull or push; state ready %d ms after the pause",
+           o_->id_, present_pages, zero_pages, missing,
+           absl::ToInt64Milliseconds(absl::Now() - pause_time));
 
   if (!control.Write(msg)) return control_error("before the post-copy state");
   DestinationMessage reply;
