@@ -1,6 +1,7 @@
 #include "migration/precopy/source.h"
 
 #include <algorithm>
+#include <bit>
 #include <random>
 #include <thread>
 #include <unistd.h>
@@ -773,27 +774,47 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
   SourceMessage msg;
   sp = msg.mutable_start_postcopy();
   uint64_t missing = 0, present_pages = 0, zero_pages = 0;
+  // Word at a time (64 pages): this runs while the guest is paused.
+  const std::vector<std::vector<uint64_t>> hinted =
+      hints_ ? hints_->Snapshot() : std::vector<std::vector<uint64_t>>();
   for (size_t ri = 0; ri < mem_.regions().size(); ++ri) {
     const auto& r = mem_.regions()[ri];
-    uint64_t pages = r.size / kPageSize;
-    std::vector<uint64_t> present((pages + 63) / 64), zero((pages + 63) / 64);
-    for (uint64_t p = 0; p < pages; ++p) {
-      uint64_t gpa = r.gpa + p * kPageSize;
-      if (sent_.Test(gpa) && !stale.Test(gpa)) {
-        present[p / 64] |= 1ULL << (p % 64);
-        ++present_pages;
-      } else if (InHole(gpa) || (hints_ && hints_->hinted(gpa))) {
-        zero[p / 64] |= 1ULL << (p % 64);
-        ++zero_pages;
-      } else {
-        uint64_t i = page_base_[ri].second + p;
-        push_todo_[i / 64].fetch_or(1ULL << (i % 64));
-        ++missing;
+    const uint64_t pages = r.size / kPageSize, nw = (pages + 63) / 64;
+    // Pages holding data at the source (SnapshotExtents); the rest are holes = zero.
+    std::vector<uint64_t> data(nw, 0);
+    for (const auto& [start, end] : extents_[ri])
+      for (uint64_t pg = start / kPageSize; pg < (end + kPageSize - 1) / kPageSize && pg < pages;
+           ++pg) {
+        if (pg % 64 == 0 && pg + 64 <= end / kPageSize) {  // whole word
+          data[pg / 64] = ~0ULL;
+          pg += 63;
+          continue;
+        }
+        data[pg / 64] |= 1ULL << (pg % 64);
+      }
+    std::span<const uint64_t> sent_w = sent_.region(ri).words(), stale_w = stale.region(ri).words();
+    std::vector<uint64_t> present(nw), zero(nw);
+    const uint64_t base = page_base_[ri].second;
+    for (uint64_t w = 0; w < nw; ++w) {
+      const uint64_t valid = (w == nw - 1 && pages % 64) ? (1ULL << (pages % 64)) - 1 : ~0ULL;
+      const uint64_t pres = sent_w[w] & ~stale_w[w] & valid;
+      const uint64_t hint = hinted.empty() ? 0 : hinted[ri][w];
+      const uint64_t zw = (~data[w] | hint) & ~pres & valid;
+      const uint64_t push = valid & ~pres & ~zw;
+      present[w] = pres;
+      zero[w] = zw;
+      present_pages += std::popcount(pres);
+      zero_pages += std::popcount(zw);
+      missing += std::popcount(push);
+      for (uint64_t bits = push; bits != 0; bits &= bits - 1) {  // global index (any alignment)
+        uint64_t i = base + w * 64 + static_cast<uint64_t>(std::countr_zero(bits));
+        push_todo_[i / 64].fetch_or(1ULL << (i % 64), std::memory_order_relaxed);
       }
     }
     sp->add_present(WordsToBytes(present));
     sp->add_zero(WordsToBytes(zero));
   }
+
   {
     absl::MutexLock lock(&push_mu_);
     push_cursor_ = 0;
