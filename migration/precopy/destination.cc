@@ -115,6 +115,29 @@ absl::Status MigrationDestination::RunControl(
   LOG_INFO("incoming migration %s: %d MiB, %d vCPUs, %d page streams", msg.header().migration_id(),
            msg.header().config().memory_mib(), msg.header().config().vcpus(),
            msg.header().page_streams());
+  {
+    // Post-copy's memory layer is built now, outside any downtime (it registers nothing until
+    // Start()); a host that cannot do post-copy still takes pre-copy migrations.
+    Vm* v;
+    {
+      absl::MutexLock lock(&mu_);
+      v = vm_.get();
+    }
+    PostcopyOptions opts;
+    opts.lanes = static_cast<int>(lanes_.size()) - 1;
+    auto pc = PostcopyMemory::Create(
+        &v->memory(), opts, [this](int lane, uint64_t gpa) { FetchOnLane(lane, gpa); },
+        [v](pid_t tid) {
+          std::vector<pid_t> tids = v->VcpuThreadIds();
+          for (size_t i = 0; i < tids.size(); ++i)
+            if (tids[i] == tid) return static_cast<int>(i);
+          return kVmmLane;
+        });
+    if (pc.ok())
+      prepared_postcopy_ = std::move(*pc);
+    else
+      prepared_error_ = pc.status();
+  }
   DestinationMessage reply;
   reply.mutable_accepted();
   if (!stream->Write(reply)) return absl::UnavailableError("source went away after the header");
@@ -128,6 +151,7 @@ absl::Status MigrationDestination::RunControl(
     vm = vm_.get();
   }
   if (msg.has_start_postcopy()) return RunPostcopy(stream, msg.start_postcopy(), vm);
+  prepared_postcopy_.reset();  // a pre-copy switchover: not needed
   if (!msg.has_complete()) return absl::InvalidArgumentError("expected Complete");
   const Complete& c = msg.complete();
   if (absl::Status s = WaitStreamsClosed(0, c.pages_per_stream()); !s.ok()) return s;
@@ -424,18 +448,10 @@ absl::Status MigrationDestination::RunPostcopy(
   auto zero = DecodeBitmaps(sp.zero(), mem, "zero");
   if (!zero.ok()) return zero.status();
 
-  PostcopyOptions opts;
-  opts.lanes = static_cast<int>(lanes_.size()) - 1;
-  auto pc = PostcopyMemory::Create(
-      &mem, opts, [this](int lane, uint64_t gpa) { FetchOnLane(lane, gpa); },
-      [vm](pid_t tid) {
-        std::vector<pid_t> tids = vm->VcpuThreadIds();
-        for (size_t i = 0; i < tids.size(); ++i)
-          if (tids[i] == tid) return static_cast<int>(i);
-        return kVmmLane;
-      });
-  if (!pc.ok()) return pc.status();
-  postcopy_ = std::move(*pc);
+  if (prepared_postcopy_ == nullptr)
+    return absl::Status(prepared_error_.code(),
+                        absl::StrCat("post-copy unavailable here: ", prepared_error_.message()));
+  postcopy_ = std::move(prepared_postcopy_);
   postcopy_vm_ = vm;
   // Stale and missing pages are dropped and guarded before anything (state restore included)
   // can touch guest memory.

@@ -87,6 +87,8 @@ class MigrationDestination final : public Migration::Service {
   // Post-copy.
   uint32_t precopy_streams_ ABSL_GUARDED_BY(mu_) = 0;  // page streams below this are pre-copy
   std::vector<std::unique_ptr<Lane>> lanes_;  // vCPUs + 1 (VMM threads); sized at the header
+  std::unique_ptr<PostcopyMemory> prepared_postcopy_;  // built at the header, until the switch
+  absl::Status prepared_error_;                        // why it could not be built
   std::unique_ptr<PostcopyMemory> postcopy_;  // set before any push stream or lane answer
   std::atomic<bool> postcopy_running_{false};  // between Go and PostcopyDone
   std::atomic<bool> postcopy_failed_{false};
