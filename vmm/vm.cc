@@ -67,6 +67,13 @@ constexpr uint16_t kSerialPort = 0x3f8;
 constexpr uint32_t kSerialIrq = 4;
 constexpr char kDefaultCmdline[] = "console=ttyS0 reboot=k panic=1";
 
+// The balloon may take any part of guest RAM but all of it (at creation and SetBalloon).
+absl::Status CheckBalloonTarget(uint64_t target_mib, uint64_t memory_mib) {
+  if (target_mib < memory_mib) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrFormat(
+      "balloon target %d MiB must be below guest memory (%d MiB)", target_mib, memory_mib));
+}
+
 absl::StatusOr<uint64_t> HostMemTotalMib() {
   std::ifstream f("/proc/meminfo");
   std::string key;
@@ -454,10 +461,7 @@ std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
 absl::Status VmImpl::SetBalloonTarget(uint64_t target_mib) {
   if (balloon_ == nullptr)
     return absl::FailedPreconditionError("the VM has no virtio-balloon (create it with a balloon)");
-  if (target_mib >= config_.memory_mib())
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "balloon target %d MiB must be below guest memory (%d MiB)", target_mib,
-        config_.memory_mib()));
+  if (absl::Status s = CheckBalloonTarget(target_mib, config_.memory_mib()); !s.ok()) return s;
   balloon_->SetTarget(target_mib << 20);
   return absl::OkStatus();
 }
@@ -974,10 +978,9 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
       return absl::InvalidArgumentError(absl::StrCat(
           what, ": MAC ", virtio::FormatMac(mac), " is already used by another net device"));
   }
-  if (c.has_balloon() && c.balloon().target_mib() >= c.memory_mib())
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "balloon target %d MiB must be below guest memory (%d MiB)", c.balloon().target_mib(),
-        c.memory_mib()));
+  if (c.has_balloon())
+    if (absl::Status s = CheckBalloonTarget(c.balloon().target_mib(), c.memory_mib()); !s.ok())
+      return s;
   if (c.has_vsock()) {
     // CIDs 0-2 are reserved (hypervisor, local, host); 2^32-1 is VMADDR_CID_ANY.
     if (c.vsock().guest_cid() < 3 || c.vsock().guest_cid() == 0xffffffffu)

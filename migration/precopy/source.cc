@@ -117,6 +117,10 @@ class MigrationSource::Session {
     uint64_t total = pass_pages_;
     if (total > 0) p.set_remaining_pages(total > done_in_pass ? total - done_in_pass : 0);
     p.set_elapsed_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
+    FillHints(p);
+  }
+  // Free-page hint counters, if the VM's balloon hints.
+  void FillHints(MigrationProgress& p) const {
     if (hints_) {
       p.set_free_page_hint_bytes(hints_->hinted_bytes());
       p.set_free_page_skipped_bytes(hints_->skipped_bytes());
@@ -211,6 +215,9 @@ class MigrationSource::Session {
   std::vector<std::vector<std::pair<uint64_t, uint64_t>>> extents_;
   void SnapshotExtents();
   bool InHole(uint64_t gpa) const;
+  // Encodes the page at `gpa` into `rec`: a ZERO tag for a page in a hole of the snapshot (not
+  // read, which would allocate it), else its content. Returns the record's size on the wire.
+  absl::StatusOr<uint64_t> EncodeGuestPage(uint64_t gpa, PageRecord* rec);
   std::atomic<bool> committed_{false};
   bool paused_by_us_ = false;
   DirtySet sent_;    // pages sent at least once in pre-copy passes
@@ -296,13 +303,9 @@ absl::Status MigrationSource::Session::SendStream(uint32_t index, uint32_t itera
     if (hints_ && hints_->Skip(gpa)) continue;  // hinted free, not written since
     s.sent.push_back(gpa);
     PageRecord* rec = batch.add_pages();
-    if (InHole(gpa)) {
-      batch_bytes += EncodeZeroPage(gpa, rec);
-    } else {
-      auto host = mem_.HostPtr(gpa, kPageSize);
-      if (!host.ok()) return host.status();
-      batch_bytes += EncodePage(gpa, *host, rec);
-    }
+    auto size = EncodeGuestPage(gpa, rec);
+    if (!size.ok()) return size.status();
+    batch_bytes += *size;
     if (rec->codec() == ZERO) ++zero_pages_;
     if (batch.pages_size() >= kPagesPerBatch)
       if (absl::Status st = flush(); !st.ok()) return st;
@@ -327,6 +330,13 @@ void MigrationSource::Session::SnapshotExtents() {
     if (extents_[i].empty() && lseek(r.memfd.get(), 0, SEEK_DATA) < 0 && errno != ENXIO)
       extents_[i].push_back({0, r.size});  // SEEK_DATA unsupported: treat all as data
   }
+}
+
+absl::StatusOr<uint64_t> MigrationSource::Session::EncodeGuestPage(uint64_t gpa, PageRecord* rec) {
+  if (InHole(gpa)) return EncodeZeroPage(gpa, rec);
+  auto host = mem_.HostPtr(gpa, kPageSize);
+  if (!host.ok()) return host.status();
+  return EncodePage(gpa, *host, rec);
 }
 
 bool MigrationSource::Session::InHole(uint64_t gpa) const {
@@ -565,10 +575,7 @@ absl::Status MigrationSource::Session::Run() {
     else
       p.set_downtime_ms(absl::ToInt64Milliseconds(local_downtime));
     p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
-    if (hints_) {
-      p.set_free_page_hint_bytes(hints_->hinted_bytes());
-      p.set_free_page_skipped_bytes(hints_->skipped_bytes());
-    }
+    FillHints(p);
   });
   LOG_INFO("migration %s: switchover sent %d final pages; downtime %d ms", o_->id_, final_pages,
            resume_ns ? (resume_ns - pause_ns) / 1000000 : absl::ToInt64Milliseconds(local_downtime));
@@ -663,8 +670,7 @@ void MigrationSource::Session::ServeLane(uint32_t lane) {
     batch.set_stream(lane);
     uint64_t bytes = 0;
     for (uint64_t gpa : req.gpas()) {
-      auto host = mem_.HostPtr(gpa, kPageSize);
-      if (gpa % kPageSize != 0 || !host.ok()) {
+      if (gpa % kPageSize != 0 || !mem_.Contains(gpa, kPageSize)) {
         LOG_WARN_RATELIMITED("migration %s: lane %d asked for page 0x%x outside guest RAM",
                              o_->id_, lane, gpa);
         continue;
@@ -672,8 +678,8 @@ void MigrationSource::Session::ServeLane(uint32_t lane) {
       MarkDelivered(gpa);
       uint64_t index;
       if (PageIndex(gpa, &index)) locality_hint_ = index + 1;
-      PageRecord* rec = batch.add_pages();
-      bytes += InHole(gpa) ? EncodeZeroPage(gpa, rec) : EncodePage(gpa, *host, rec);
+      // Inside RAM (checked above): encoding cannot fail.
+      bytes += EncodeGuestPage(gpa, batch.add_pages()).value_or(0);
     }
     if (batch.pages_size() == 0) continue;
     absl::MutexLock lock(&l.write_mu);
@@ -696,10 +702,9 @@ absl::Status MigrationSource::Session::PushStream(uint32_t index) {
     batch.clear_pages();
     uint64_t bytes = 0;
     for (uint64_t gpa : pages) {
-      auto host = mem_.HostPtr(gpa, kPageSize);
-      if (!host.ok()) return host.status();
-      PageRecord* rec = batch.add_pages();
-      bytes += InHole(gpa) ? EncodeZeroPage(gpa, rec) : EncodePage(gpa, *host, rec);
+      auto size = EncodeGuestPage(gpa, batch.add_pages());
+      if (!size.ok()) return size.status();
+      bytes += *size;
     }
     limiter_.Acquire(bytes, o_->cancel_);
     if (!s.writer->Write(batch)) {
@@ -973,10 +978,7 @@ absl::Status MigrationSource::Session::PostcopyLoop(ControlStream& control, size
     p.set_zero_pages(zero_pages_);
     p.set_remaining_pages(result.ok() ? 0 : p.remaining_pages());
     p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
-    if (hints_) {
-      p.set_free_page_hint_bytes(hints_->hinted_bytes());
-      p.set_free_page_skipped_bytes(hints_->skipped_bytes());
-    }
+    FillHints(p);
   });
   LOG_INFO("migration %s: post-copy %s: %d pages pulled on demand, %d pushed", o_->id_,
            result.ok() ? "complete" : "failed", pulled_pages_.load(), pushed_pages_.load());
