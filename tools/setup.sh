@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   # build: Bazel 4 + system libraries (see ../shared/docs/bazel-offline.md)
   bazel-bootstrap libabsl-dev libgrpc++-dev protobuf-compiler protobuf-compiler-grpc
-  libprotobuf-dev liburing-dev libgtest-dev libgmock-dev pkg-config build-essential
+  libprotobuf-dev liburing-dev libzstd-dev liblz4-dev libgtest-dev libgmock-dev pkg-config build-essential
   # guest kernel + initramfs (tools/guest/build.sh)
   linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio busybox-static xz-utils lz4
   # tests and benchmarks

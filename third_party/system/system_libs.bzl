@@ -20,6 +20,8 @@ _GROUPS = {
         "absl_cleanup",
     ],
     "uring": ["liburing"],
+    "zstd": ["libzstd"],
+    "lz4": ["liblz4"],
     "gtest": ["gtest", "gmock"],
     "gtest_main": ["gtest", "gmock", "gtest_main"],
 }
