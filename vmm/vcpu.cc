@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <string_view>
 
@@ -13,12 +14,26 @@
 #include "vmm/base/fd.h"
 #include "vmm/base/log.h"
 #include "vmm/exit_status.h"
+#include "vmm/throttle_wake.h"
 
 namespace microvmm {
 namespace {
 constexpr int kKickSignal = SIGUSR1;
 void KickHandler(int) {}
 thread_local Vcpu* t_current = nullptr;
+
+int64_t ClockNs(clockid_t clock) {
+  timespec ts{};
+  if (::clock_gettime(clock, &ts) != 0) return -1;
+  return int64_t{ts.tv_sec} * 1000000000 + ts.tv_nsec;
+}
+int64_t MonoNs() { return ClockNs(CLOCK_MONOTONIC); }
+
+// The run time a throttle charges for a run phase of `wall_ns` in which the vCPU thread used
+// `cpu_ns` of CPU: min(wall, 2 x cpu). A busy vCPU (even one the host gives only half a core) is
+// charged wall time, so it really spends ~P% of wall time outside KVM_RUN; a guest halted inside
+// KVM_RUN (in-kernel LAPIC) burns no CPU and is not charged (nor kicked) for idling.
+int64_t ChargedRunNs(int64_t wall_ns, int64_t cpu_ns) { return std::min(wall_ns, 2 * cpu_ns); }
 
 // Production exit source: KVM_RUN on the vCPU fd and its mmap'ed kvm_run.
 class KvmExitSource final : public ExitSource {
@@ -36,6 +51,18 @@ class KvmExitSource final : public ExitSource {
 }  // namespace
 
 Vcpu* CurrentVcpu() { return t_current; }
+
+ThrottleSleepPlan PlanThrottleSleep(int percent, int64_t ran_ns, int64_t debt_ns,
+                                    int64_t max_sleep_ns) {
+  if (percent <= 0 || percent >= 100 || max_sleep_ns <= 0) return {0, 0};
+  // Out of KVM_RUN for P% of the time: sleep P/(100-P) x run time. __int128: no overflow for
+  // absurd run times.
+  __int128 total = static_cast<__int128>(ran_ns > 0 ? ran_ns : 0) * percent / (100 - percent) +
+                   (debt_ns > 0 ? debt_ns : 0);
+  int64_t sleep = total > max_sleep_ns ? max_sleep_ns : static_cast<int64_t>(total);
+  __int128 owed = total - sleep;
+  return {sleep, owed > max_sleep_ns ? max_sleep_ns : static_cast<int64_t>(owed)};
+}
 
 void InstallVcpuKickSignal() {
   static std::once_flag once;
@@ -92,10 +119,13 @@ void Vcpu::Kick() {
 }
 
 void Vcpu::RequestPause() {
-  std::lock_guard lock(mu_);
-  if (exited_) return;
-  pause_requested_ = true;
-  if (!BlockedOnMissingPage()) Kick();  // a blocked one parks at its next exit
+  {
+    std::lock_guard lock(mu_);
+    if (exited_) return;
+    pause_requested_ = true;
+    if (!BlockedOnMissingPage()) Kick();  // a blocked one parks at its next exit
+  }
+  throttle_wake::WakeAll();  // a throttle sleeper parks at once
 }
 
 bool Vcpu::WaitPausedFor(std::chrono::milliseconds timeout) {
@@ -109,6 +139,8 @@ bool Vcpu::paused() const {
 }
 
 bool Vcpu::BlockedOnMissingPage() const {
+  // Exit-driven post-copy: the thread waits in its memory fault handler, not in the kernel.
+  if (in_fault_handler_.load(std::memory_order_acquire)) return true;
   pid_t tid = linux_tid_.load(std::memory_order_acquire);
   if (tid == 0) return false;
   char path[64];
@@ -132,10 +164,13 @@ void Vcpu::Resume() {
 }
 
 void Vcpu::RequestStop() {
-  std::lock_guard lock(mu_);
-  stop_requested_ = true;
-  if (!exited_) Kick();
-  cv_.notify_all();
+  {
+    std::lock_guard lock(mu_);
+    stop_requested_ = true;
+    if (!exited_) Kick();
+    cv_.notify_all();
+  }
+  throttle_wake::WakeAll();  // a throttle sleeper exits at once
 }
 
 void Vcpu::Join() {
@@ -147,6 +182,7 @@ void Vcpu::Loop() {
   t_current = this;
   {
     std::lock_guard lock(mu_);
+    if (pthread_getcpuclockid(pthread_self(), &cpu_clock_) != 0) cpu_clock_ = CLOCK_MONOTONIC;
     linux_tid_.store(::gettid(), std::memory_order_release);
     cv_.notify_all();
   }
@@ -163,11 +199,27 @@ void Vcpu::Loop() {
         cv_.notify_all();
         cv_.wait(lock, [this] { return !pause_requested_ || stop_requested_; });
         parked_ = false;
+        // Parked time is neither run time nor throttle time: start a fresh run phase.
+        thr_run_start_ns_.store(ClockNs(CLOCK_THREAD_CPUTIME_ID), std::memory_order_relaxed);
+        thr_run_start_wall_ns_.store(MonoNs(), std::memory_order_relaxed);
       }
       if (stop_requested_) break;
       run_->immediate_exit = 0;
     }
+    // Throttle: may sleep (outside KVM_RUN, interruptible); then re-check pause/stop first.
+    if (thr_percent_.load(std::memory_order_relaxed) != 0 ||
+        thr_epoch_.load(std::memory_order_relaxed) !=
+            thr_epoch_applied_.load(std::memory_order_relaxed)) {
+      const uint64_t sleeps = thr_sleeps_.load(std::memory_order_relaxed);
+      ThrottlePoint();
+      if (thr_sleeps_.load(std::memory_order_relaxed) != sleeps) continue;
+    }
+    // Interrupts raised from here on end the next throttle sleep (or skip it): one raised while
+    // we are outside the guest is pending in KVM and must not wait for a throttle sleep.
+    irq_seen_ = throttle_wake::InterruptGeneration();
+    in_run_.store(true, std::memory_order_seq_cst);
     int r = source_->Run();
+    in_run_.store(false, std::memory_order_relaxed);
     if (r == -EINTR || r == -EAGAIN) continue;  // kicked: re-check the flags
     // KVM_EXIT_MEMORY_FAULT is the one exit KVM reports with KVM_RUN failing (EFAULT, or
     // EHWPOISON); for any other errno exit_reason is stale and the run really failed.
@@ -181,6 +233,112 @@ void Vcpu::Loop() {
   std::lock_guard lock(mu_);
   exited_ = true;
   cv_.notify_all();
+}
+
+void Vcpu::SetThrottle(int percent, int64_t run_quantum_ns, int64_t max_sleep_ns) {
+  if (percent < 0 || percent > 99) percent = 0;
+  thr_quantum_ns_.store(run_quantum_ns, std::memory_order_relaxed);
+  thr_max_sleep_ns_.store(max_sleep_ns, std::memory_order_relaxed);
+  thr_percent_.store(percent, std::memory_order_seq_cst);
+  thr_epoch_.fetch_add(1, std::memory_order_seq_cst);
+  if (percent != 0 && in_run_.load(std::memory_order_seq_cst)) {
+    // A guest computing without exits would never see the new setting otherwise.
+    std::lock_guard lock(mu_);
+    if (!exited_ && !parked_ && thread_.joinable() && !BlockedOnMissingPage()) Kick();
+  }
+  throttle_wake::WakeAll();  // sleepers re-check: released or changed
+}
+
+int64_t Vcpu::ThrottleTick() {
+  const int percent = thr_percent_.load(std::memory_order_relaxed);
+  const int64_t quantum = thr_quantum_ns_.load(std::memory_order_relaxed);
+  if (percent == 0) return -1;
+  // Outside KVM_RUN the vCPU checks for itself before it re-enters.
+  if (!in_run_.load(std::memory_order_seq_cst) || linux_tid_.load() == 0) return quantum;
+  if (thr_epoch_applied_.load(std::memory_order_acquire) ==
+      thr_epoch_.load(std::memory_order_acquire)) {
+    const int64_t cpu = ClockNs(cpu_clock_);
+    if (cpu < 0) return quantum;
+    const int64_t wall = MonoNs();
+    const int64_t ran = ChargedRunNs(wall - thr_run_start_wall_ns_.load(std::memory_order_relaxed),
+                                     cpu - thr_run_start_ns_.load(std::memory_order_relaxed));
+    // The charge grows no faster than wall time: waiting `quantum - ran` cannot overshoot.
+    if (ran < quantum) return quantum - ran;
+  }
+  std::lock_guard lock(mu_);
+  // Never kick a vCPU waiting for a post-copy page: it runs no guest code anyway and a signal
+  // makes the in-kernel fault retry spin on this KVM (see BlockedOnMissingPage).
+  if (!exited_ && !parked_ && !BlockedOnMissingPage()) Kick();
+  return quantum;
+}
+
+Vcpu::ThrottleStats Vcpu::throttle_stats() const {
+  ThrottleStats s;
+  s.throttled_ns = thr_throttled_ns_.load();
+  s.sleeps = thr_sleeps_.load();
+  s.irq_wakeups = thr_irq_wakeups_.load();
+  s.sleeping = thr_sleeping_.load();
+  return s;
+}
+
+void Vcpu::ThrottlePoint() {
+  const int64_t cpu = ClockNs(CLOCK_THREAD_CPUTIME_ID);
+  const int64_t wall = MonoNs();
+  const uint32_t epoch = thr_epoch_.load(std::memory_order_acquire);
+  if (epoch != thr_epoch_applied_.load(std::memory_order_relaxed)) {
+    // New setting: a fresh run phase, nothing owed.
+    thr_run_start_ns_.store(cpu, std::memory_order_relaxed);
+    thr_run_start_wall_ns_.store(wall, std::memory_order_relaxed);
+    thr_debt_ns_ = 0;
+    thr_epoch_applied_.store(epoch, std::memory_order_release);
+    return;
+  }
+  const int percent = thr_percent_.load(std::memory_order_relaxed);
+  const int64_t ran = ChargedRunNs(wall - thr_run_start_wall_ns_.load(std::memory_order_relaxed),
+                                   cpu - thr_run_start_ns_.load(std::memory_order_relaxed));
+  if (percent == 0 || ran < thr_quantum_ns_.load(std::memory_order_relaxed)) return;
+  ThrottleSleep(percent, ran);
+  thr_run_start_ns_.store(ClockNs(CLOCK_THREAD_CPUTIME_ID), std::memory_order_relaxed);
+  thr_run_start_wall_ns_.store(MonoNs(), std::memory_order_relaxed);
+}
+
+bool Vcpu::ThrottleInterrupted() {
+  std::lock_guard lock(mu_);
+  return pause_requested_ || stop_requested_;
+}
+
+// Sleeps outside KVM_RUN until the planned time passed, or at once when:
+//  - an interrupt was raised since the last KVM_RUN began: the unslept rest is owed (added to the
+//    debt, capped at max_sleep) rather than forgiven, so a guest with a high interrupt rate still
+//    ends up throttled; the cap keeps any single sleep <= max_sleep;
+//  - the throttle was released or changed (debt dropped by the new run phase);
+//  - pause or stop was requested (the loop then parks or exits).
+void Vcpu::ThrottleSleep(int percent, int64_t ran_ns) {
+  const int64_t max_sleep = thr_max_sleep_ns_.load(std::memory_order_relaxed);
+  const ThrottleSleepPlan plan = PlanThrottleSleep(percent, ran_ns, thr_debt_ns_, max_sleep);
+  thr_debt_ns_ = plan.debt_ns;
+  const uint32_t epoch = thr_epoch_applied_.load(std::memory_order_relaxed);
+  const int64_t start = MonoNs();
+  const int64_t deadline = start + plan.sleep_ns;
+  thr_sleeps_.fetch_add(1, std::memory_order_relaxed);
+  thr_sleeping_.store(true, std::memory_order_seq_cst);
+  for (;;) {
+    const uint32_t word = throttle_wake::WakeWord();  // before the checks: no lost wake-up
+    const int64_t remaining = deadline - MonoNs();
+    if (throttle_wake::InterruptGeneration() != irq_seen_) {
+      if (remaining > 0) {
+        thr_irq_wakeups_.fetch_add(1, std::memory_order_relaxed);
+        thr_debt_ns_ = std::min(thr_debt_ns_ + remaining, max_sleep);
+      }
+      break;
+    }
+    if (remaining <= 0) break;
+    if (thr_epoch_.load(std::memory_order_seq_cst) != epoch) break;
+    if (ThrottleInterrupted()) break;
+    throttle_wake::Wait(word, remaining);
+  }
+  thr_sleeping_.store(false, std::memory_order_relaxed);
+  thr_throttled_ns_.fetch_add(static_cast<uint64_t>(MonoNs() - start), std::memory_order_relaxed);
 }
 
 bool Vcpu::HandleExit() {
@@ -281,7 +439,10 @@ bool Vcpu::HandleMemoryFault() {
     return false;
   }
   // On this thread: the vCPU fetches its own page (no shared fault queue), then re-enters.
-  if (absl::Status s = on_memory_fault_(id_, f.gpa, f.size, f.flags); !s.ok()) {
+  in_fault_handler_.store(true, std::memory_order_release);
+  absl::Status s = on_memory_fault_(id_, f.gpa, f.size, f.flags);
+  in_fault_handler_.store(false, std::memory_order_release);
+  if (!s.ok()) {
     on_stop_({kExitVmmError,
               absl::StrFormat("post-copy: page 0x%x could not be fetched: %s (vCPU %d)", f.gpa,
                               s.message(), id_)});

@@ -14,6 +14,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <time.h>
 
 #include "vmm/bus.h"
 #include "vmm/kvm/kvm.h"
@@ -81,14 +82,34 @@ class Vcpu {
   bool WaitPausedFor(std::chrono::milliseconds timeout);
   // Parked, or stopped?
   bool paused() const;
-  // The thread sits in the kernel waiting for a post-copy page (userfaultfd): it runs no guest
-  // code until the page arrives. Kicking it is pointless, and on some KVMs (this project's
-  // software one) a signal makes the in-kernel fault retry spin, so Pause() leaves it alone.
+  // The thread waits for a post-copy page — in the kernel (userfaultfd) or in its memory fault
+  // handler (KVM Userfault exit): it runs no guest code until the page arrives. Kicking it is
+  // pointless, and on some KVMs (this project's software one) a signal makes the in-kernel fault
+  // retry spin, so Pause() leaves it alone; it parks once the page arrived.
   bool BlockedOnMissingPage() const;
   void Resume();
   // Asks the thread to exit (from any thread, including this vCPU's own).
   void RequestStop();
   void Join();
+
+  // ---- Throttling (driven by VcpuThrottle, vmm/throttle.h; see there for the design) ----
+  struct ThrottleStats {
+    uint64_t throttled_ns = 0;  // wall time spent in throttle sleeps
+    uint64_t sleeps = 0;        // throttle sleeps begun
+    uint64_t irq_wakeups = 0;   // sleeps cut short (or skipped) because an interrupt was raised
+    bool sleeping = false;      // in a throttle sleep right now
+  };
+  // Any thread. `percent` 0 releases at once (a sleeping vCPU wakes). While throttled, after
+  // `run_quantum_ns` of run time (wall time while busy; see ChargedRunNs in vcpu.cc) the vCPU
+  // sleeps percent/(100-percent) x that time
+  // (plus debt), at most `max_sleep_ns` in one go. A change also kicks the vCPU out of KVM_RUN
+  // (unless BlockedOnMissingPage) so it starts a fresh run phase under the new setting.
+  void SetThrottle(int percent, int64_t run_quantum_ns, int64_t max_sleep_ns);
+  // The throttle's timer thread: kicks the vCPU out of KVM_RUN when it is due for a sleep (never
+  // a vCPU blocked on a missing post-copy page). Returns how long (ns of wall time) until it can
+  // next be due; -1 when not throttled.
+  int64_t ThrottleTick();
+  ThrottleStats throttle_stats() const;
 
   // Human-readable register dump (only valid while paused or stopped, or from the vCPU thread).
   std::string DumpRegisters();
@@ -98,6 +119,9 @@ class Vcpu {
   bool HandleExit();  // false: the vCPU must stop
   bool HandleMemoryFault();
   void Kick();
+  void ThrottlePoint();  // vCPU thread, before each KVM_RUN
+  void ThrottleSleep(int percent, int64_t ran_ns);
+  bool ThrottleInterrupted();  // pause or stop requested
 
   std::unique_ptr<ExitSource> source_;
   KvmVcpu* kvm_;  // the production source's vCPU; nullptr with an injected source
@@ -112,13 +136,44 @@ class Vcpu {
   std::mutex join_mu_;  // Join() may be called from several threads
   pthread_t pthread_{};
   std::atomic<pid_t> linux_tid_{0};
+  std::atomic<bool> in_fault_handler_{false};  // inside on_memory_fault_ (exit-driven post-copy)
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool pause_requested_ = false;
   bool stop_requested_ = false;
   bool parked_ = false;
   bool exited_ = false;
+
+  // Throttle parameters (written by SetThrottle, any thread).
+  std::atomic<int> thr_percent_{0};
+  std::atomic<int64_t> thr_quantum_ns_{0};
+  std::atomic<int64_t> thr_max_sleep_ns_{0};
+  std::atomic<uint32_t> thr_epoch_{0};          // bumped by every SetThrottle
+  std::atomic<uint32_t> thr_epoch_applied_{0};  // the epoch the vCPU thread last acted on
+  // vCPU-thread state shared with the timer thread.
+  std::atomic<bool> in_run_{false};             // inside source_->Run()
+  std::atomic<int64_t> thr_run_start_ns_{0};    // thread CPU time when this run phase began
+  std::atomic<int64_t> thr_run_start_wall_ns_{0};  // CLOCK_MONOTONIC when it began
+  clockid_t cpu_clock_{};                       // the vCPU thread's CPU clock (set before tid)
+  // vCPU thread only.
+  int64_t thr_debt_ns_ = 0;
+  uint32_t irq_seen_ = 0;  // throttle_wake::InterruptGeneration() before the last KVM_RUN
+  // Stats.
+  std::atomic<uint64_t> thr_throttled_ns_{0};
+  std::atomic<uint64_t> thr_sleeps_{0};
+  std::atomic<uint64_t> thr_irq_wakeups_{0};
+  std::atomic<bool> thr_sleeping_{false};
 };
+
+// Throttle arithmetic (pure, exposed for tests): after `ran_ns` of run time at `percent`, with
+// `debt_ns` still owed, sleep `sleep_ns` now (<= max_sleep_ns) and owe `debt_ns` (<= max_sleep_ns;
+// anything beyond is forgiven so a vCPU never catches up in one long deaf stretch).
+struct ThrottleSleepPlan {
+  int64_t sleep_ns;
+  int64_t debt_ns;
+};
+ThrottleSleepPlan PlanThrottleSleep(int percent, int64_t ran_ns, int64_t debt_ns,
+                                    int64_t max_sleep_ns);
 
 // The vCPU whose thread is calling (nullptr on other threads): lets devices attribute an access.
 Vcpu* CurrentVcpu();

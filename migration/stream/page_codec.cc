@@ -1,8 +1,14 @@
 #include "migration/stream/page_codec.h"
 
+#include "migration/stream/xbzrle.h"
+
 #include <cstring>
+#include <memory>
 
 #include "absl/strings/str_format.h"
+#include "lz4.h"
+#include "migration/stream/xbzrle.h"
+#include "zstd.h"
 
 namespace microvmm::migration {
 
@@ -56,6 +62,58 @@ void ReceivedPages::Set(uint64_t gpa) {
     }
 }
 
+namespace {
+
+// Largest compressed record accepted. A compressed page larger than the page itself is never
+// sent (the encoder falls back to RAW), but the decoder stays tolerant up to the codecs' own worst
+// case for one page; anything bigger is garbage and rejected before any decompression work.
+constexpr size_t kMaxCompressedBytes = kPageSize + 512;
+static_assert(LZ4_COMPRESSBOUND(kPageSize) <= kMaxCompressedBytes);
+static_assert(ZSTD_COMPRESSBOUND(kPageSize) <= kMaxCompressedBytes);
+
+struct DCtxFree {
+  void operator()(ZSTD_DCtx* c) const { ZSTD_freeDCtx(c); }
+};
+
+// Decompresses `data` (codec LZ4 or ZSTD) into `out` (kPageSize bytes). Strict: the input must
+// decode to exactly one page and be consumed completely; no write past `out + kPageSize`.
+absl::Status DecompressPage(PageCodec codec, const std::string& data, uint8_t* out) {
+  if (data.empty() || data.size() > kMaxCompressedBytes)
+    return absl::InvalidArgumentError(absl::StrFormat("%d compressed bytes", data.size()));
+  if (codec == LZ4) {
+    // Block format: LZ4_decompress_safe bounds every read by srcSize and every write by
+    // dstCapacity, and fails unless the input ends exactly at the end of a sequence.
+    int n = LZ4_decompress_safe(data.data(), reinterpret_cast<char*>(out),
+                                static_cast<int>(data.size()), static_cast<int>(kPageSize));
+    if (n != static_cast<int>(kPageSize))
+      return absl::InvalidArgumentError(
+          n < 0 ? std::string("corrupt lz4 block")
+                : absl::StrFormat("lz4 block decodes to %d bytes", n));
+    return absl::OkStatus();
+  }
+  // ZSTD: exactly one frame (no trailing bytes, no skippable frame, no second frame) whose header
+  // declares a content size of exactly one page. The declared size is checked before decoding,
+  // and the single-pass decoder cannot produce more than dstCapacity (a bomb is dstSize_tooSmall),
+  // so a lying header cannot make us write or allocate more.
+  unsigned long long declared = ZSTD_getFrameContentSize(data.data(), data.size());
+  if (declared != kPageSize)
+    return absl::InvalidArgumentError(
+        declared == ZSTD_CONTENTSIZE_ERROR     ? std::string("not a zstd frame")
+        : declared == ZSTD_CONTENTSIZE_UNKNOWN ? std::string("zstd frame without content size")
+                                               : absl::StrFormat("zstd frame of %d bytes", declared));
+  size_t frame = ZSTD_findFrameCompressedSize(data.data(), data.size());
+  if (ZSTD_isError(frame) || frame != data.size())
+    return absl::InvalidArgumentError("zstd record is not exactly one frame");
+  thread_local std::unique_ptr<ZSTD_DCtx, DCtxFree> dctx(ZSTD_createDCtx());
+  if (!dctx) return absl::ResourceExhaustedError("ZSTD_createDCtx failed");
+  size_t n = ZSTD_decompressDCtx(dctx.get(), out, kPageSize, data.data(), data.size());
+  if (ZSTD_isError(n)) return absl::InvalidArgumentError(ZSTD_getErrorName(n));
+  if (n != kPageSize) return absl::InvalidArgumentError(absl::StrFormat("zstd frame decodes to %d bytes", n));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem, ReceivedPages* received) {
   if (rec.gpa() % kPageSize != 0)
     return absl::InvalidArgumentError(absl::StrFormat("page record gpa 0x%x is not page aligned", rec.gpa()));
@@ -77,6 +135,35 @@ absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem, ReceivedPag
             absl::StrFormat("zero page 0x%x carries %d bytes of data", rec.gpa(), rec.data().size()));
       if (received == nullptr || received->Test(rec.gpa())) std::memset(*p, 0, kPageSize);
       return absl::OkStatus();
+    case LZ4:
+    case ZSTD: {
+      // Decode into a scratch page first: a record that turns out to be corrupt half-way must
+      // leave the guest page untouched (it keeps its previous, consistent content). The extra
+      // 4 KiB copy is small next to the decompression itself.
+      alignas(64) uint8_t scratch[kPageSize];
+      if (absl::Status s = DecompressPage(rec.codec(), rec.data(), scratch); !s.ok())
+        return absl::InvalidArgumentError(
+            absl::StrFormat("compressed page 0x%x: %s", rec.gpa(), s.message()));
+      std::memcpy(*p, scratch, kPageSize);
+      if (received != nullptr) received->Set(rec.gpa());
+      return absl::OkStatus();
+    }
+    case XBZRLE: {
+      // A delta against the copy this side holds: only for a page that was received (a page
+      // never received is zeros here, which no source delta is based on). XbzrleApply validates
+      // the whole delta before it writes, so a bad record leaves the page as it was.
+      if (received != nullptr && !received->Test(rec.gpa()))
+        return absl::InvalidArgumentError(
+            absl::StrFormat("page 0x%x: delta record for a page never received", rec.gpa()));
+      absl::Status s = XbzrleApply(
+          std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(rec.data().data()),
+                                   rec.data().size()),
+          std::span<uint8_t>(*p, kPageSize));
+      if (!s.ok())
+        return absl::InvalidArgumentError(
+            absl::StrFormat("delta page 0x%x: %s", rec.gpa(), s.message()));
+      return absl::OkStatus();
+    }
     default:
       return absl::InvalidArgumentError(
           absl::StrFormat("page 0x%x has unknown codec %d", rec.gpa(), static_cast<int>(rec.codec())));

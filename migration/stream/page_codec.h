@@ -42,6 +42,9 @@ class ReceivedPages {
 // Validates `rec` against `mem` and writes the page (with `received`: skips ZERO records for
 // pages that are still zero). Never writes outside guest RAM; malformed
 // records (unaligned / out-of-range gpa, unknown codec, wrong length) are INVALID_ARGUMENT.
+// LZ4 (one block) and ZSTD (exactly one frame whose header declares kPageSize) must decompress
+// to exactly one page; anything else (truncated, trailing bytes, bombs, garbage, > kPageSize+512
+// bytes) is INVALID_ARGUMENT and leaves the guest page untouched. XBZRLE: UNIMPLEMENTED for now.
 absl::Status DecodePageInto(const PageRecord& rec, GuestMemory& mem,
                             ReceivedPages* received = nullptr);
 

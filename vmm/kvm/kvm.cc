@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/base/log.h"
+#include "vmm/throttle_wake.h"
 
 namespace microvmm {
 
@@ -143,7 +144,9 @@ absl::Status KvmVm::IrqLine(uint32_t irq, bool level) {
   kvm_irq_level l{};
   l.irq = irq;
   l.level = level ? 1 : 0;
-  return Ioctl(fd_.get(), KVM_IRQ_LINE, &l, "KVM_IRQ_LINE");
+  absl::Status s = Ioctl(fd_.get(), KVM_IRQ_LINE, &l, "KVM_IRQ_LINE");
+  if (level) NoteInterruptRaised();  // wakes a throttled vCPU sleeping outside KVM_RUN
+  return s;
 }
 
 absl::Status KvmVm::EnableCap(uint32_t cap, uint64_t arg0) {

@@ -5,6 +5,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/base/log.h"
+#include "vmm/throttle_wake.h"
 
 namespace microvmm::pci {
 
@@ -207,6 +208,7 @@ uint16_t MsixTable::message_control() const {
 void MsixTable::Trigger(uint16_t v) const {
   if (v >= events_.size()) return;
   (void)events_[v].Signal(1);
+  NoteInterruptRaised();  // a throttled vCPU sleeping outside KVM_RUN must take it now
 }
 
 bool MsixTable::DeliverableLocked(uint16_t v) const {
