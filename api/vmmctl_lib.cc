@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "api/address.h"
@@ -96,7 +97,8 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
       return {{"--to", true},      {"--downtime-ms", true},    {"--bandwidth", true},
               {"--streams", true}, {"--max-iterations", true}, {"--no-wait", false},
               {"--postcopy", false}, {"--postcopy-after", true},
-              {"--json", false}};
+              {"--adaptive", false}, {"--profile", true}, {"--ladder", true},
+              {"--allow-postcopy", false}, {"--json", false}};
     case Command::kMigrateRecover:
       return {{"--to", true}};
     case Command::kReceive:
@@ -402,6 +404,37 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       options.migration.set_streams(streams);
     } else if (name == "--postcopy") {
       options.migration.set_mode(StartMigrationRequest::POSTCOPY);
+    } else if (name == "--adaptive") {
+      options.migration.mutable_policy();
+    } else if (name == "--profile") {
+      if (*value == "default") {
+        options.migration.mutable_policy()->set_profile(PolicyConfig::PROFILE_DEFAULT);
+      } else if (*value == "latency") {
+        options.migration.mutable_policy()->set_profile(PolicyConfig::PROFILE_LATENCY_SENSITIVE);
+      } else {
+        return UsageError(absl::StrCat("bad --profile value '", *value,
+                                       "': expected 'default' or 'latency'"));
+      }
+    } else if (name == "--ladder") {
+      PolicyConfig* policy = options.migration.mutable_policy();
+      policy->clear_ladder();
+      for (absl::string_view step : absl::StrSplit(*value, ',')) {
+        if (step == "compress") {
+          policy->add_ladder(STEP_COMPRESS);
+        } else if (step == "delta") {
+          policy->add_ladder(STEP_DELTA);
+        } else if (step == "throttle") {
+          policy->add_ladder(STEP_THROTTLE);
+        } else if (step == "postcopy") {
+          policy->add_ladder(STEP_POSTCOPY);
+        } else {
+          return UsageError(absl::StrCat("bad --ladder step '", step,
+                                         "': expected compress, delta, throttle or postcopy "
+                                         "separated by commas"));
+        }
+      }
+    } else if (name == "--allow-postcopy") {
+      options.migration.mutable_policy()->set_allow_postcopy(true);
     } else if (name == "--postcopy-after") {
       uint32_t n = 0;
       if (absl::Status s = ParseUint32Flag(name, *value, 1, "a whole number of passes >= 1", &n);
@@ -674,6 +707,17 @@ std::string CommandHelp(Command command) {
              "                          rest is pushed\n"
              "  --postcopy-after N      pre-copy, then post-copy if not converged after N passes\n"
              "                          (also at any time: vmmctl migrate-postcopy)\n"
+             "  --adaptive              adaptive pre-copy: a policy watches each pass (dirty\n"
+             "                          rate, bandwidth, compressibility, idle cores, free\n"
+             "                          memory) and, while it does not converge, climbs a\n"
+             "                          ladder: compression, delta encoding, vCPU throttling\n"
+             "                          (interrupts still delivered), post-copy. Every decision\n"
+             "                          is printed with the numbers behind it. Implied by:\n"
+             "  --profile P             default, or latency: never throttle the guest\n"
+             "  --ladder LIST           the ladder's steps in order, comma-separated, from\n"
+             "                          compress,delta,throttle,postcopy (default: all four)\n"
+             "  --allow-postcopy        let the ladder end in post-copy (off by default: once\n"
+             "                          switched, a lost link pauses the VM until recovered)\n"
              "  --no-wait               only start it: print the migration id and exit\n"
              "  --json                  print the final MigrationProgress as JSON (proto field\n"
              "                          names) instead of the summary, and no progress lines\n"
@@ -787,6 +831,14 @@ bool IsTerminalMigrationPhase(MigrationPhase phase) {
          phase == MIGRATION_CANCELLED || phase == MIGRATION_POSTCOPY_PAUSED;
 }
 
+std::string FormatPolicyDecision(const PolicyDecision& d) {
+  std::string step(PolicyStep_Name(d.step()));
+  if (absl::StartsWith(step, "STEP_")) step = step.substr(5);
+  return absl::StrCat("policy: pass ", d.iteration(), ": ",
+                      PolicyDecision::Action_Name(d.action()), " ", absl::AsciiStrToLower(step),
+                      " (", PolicyTendency_Name(d.tendency()), "): ", d.reason());
+}
+
 std::string FormatMigrationProgressLine(const MigrationProgress& p) {
   constexpr int kBarWidth = 20;
   const MigrationPhase phase = p.phase();
@@ -800,7 +852,8 @@ std::string FormatMigrationProgressLine(const MigrationProgress& p) {
   int percent = 0;
   if (first_pass) {
     if (p.ram_bytes() > 0) {
-      fraction = std::min(1.0, static_cast<double>(p.pages_sent()) * kMigrationPageSize /
+      fraction = std::min(1.0, static_cast<double>(p.pages_sent() + p.hole_pages_not_sent()) *
+                                   kMigrationPageSize /
                                    static_cast<double>(p.ram_bytes()));
     }
     filled = static_cast<int>(std::floor(fraction * kBarWidth));
@@ -856,6 +909,11 @@ std::string FormatMigrationSummary(const MigrationProgress& p) {
   line("bytes sent", absl::StrFormat("%u (%.1f MiB)", p.bytes_sent(), Mib(p.bytes_sent())));
   line("pages sent", absl::StrCat(p.pages_sent()));
   line("zero pages", absl::StrCat(p.zero_pages()));
+  if (p.hole_pages_not_sent() != 0)
+    line("holes not sent", absl::StrFormat("%u pages (%.1f MiB: never touched, ballooned or "
+                                           "reported free)",
+                                           p.hole_pages_not_sent(),
+                                           Mib(p.hole_pages_not_sent() * kMigrationPageSize)));
   if (p.free_page_hint_bytes() != 0 || p.free_page_skipped_bytes() != 0)
     line("free-page hints", absl::StrFormat("%.1f MiB hinted free, %.1f MiB not sent",
                                             Mib(p.free_page_hint_bytes()),
@@ -871,6 +929,18 @@ std::string FormatMigrationSummary(const MigrationProgress& p) {
     line("expected downtime", p.bandwidth_bytes_per_s() == 0
                                   ? std::string("? (no bandwidth measured yet)")
                                   : absl::StrCat(p.expected_downtime_ms(), " ms"));
+  }
+  if (p.compressed_pages() != 0 || p.delta_pages() != 0)
+    line("encoded pages", absl::StrFormat("%u compressed, %u as deltas", p.compressed_pages(),
+                                          p.delta_pages()));
+  if (p.policy_decisions_size() != 0 || p.has_policy_settings()) {
+    const PolicySettings& s = p.policy_settings();
+    line("adaptive policy",
+         absl::StrFormat("%d decisions; tendency %s; compression %s, delta %s, throttle %u%%",
+                         p.policy_decisions_size(), PolicyTendency_Name(p.policy_tendency()),
+                         s.compress() ? absl::StrCat("on (", s.compress_threads(), " threads)")
+                                      : std::string("off"),
+                         s.delta() ? "on" : "off", s.throttle_percent()));
   }
   if (p.postcopy()) {
     const PostcopyStats& pc = p.postcopy_stats();
@@ -969,9 +1039,17 @@ int RunMigrate(Vmm::Stub& stub, const Options& options, std::ostream& out, std::
   bool received = false;
   bool drawn = false;
   std::string last_line;
+  int decisions_printed = 0;
   while (reader->Read(&progress)) {
     last = progress;
     received = true;
+    // Adaptive migration: each new policy decision on a line of its own, as it happens.
+    if (!options.json) {
+      for (; decisions_printed < progress.policy_decisions_size(); ++decisions_printed) {
+        if (drawn) out << "\r\x1b[K";
+        out << FormatPolicyDecision(progress.policy_decisions(decisions_printed)) << "\n";
+      }
+    }
     if (out_is_tty) {
       // The VMM refreshes elapsed_ms only at iteration boundaries: keep the redrawn clock moving.
       MigrationProgress shown = progress;

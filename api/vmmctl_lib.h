@@ -111,6 +111,8 @@ bool IsTerminalMigrationPhase(MigrationPhase phase);
 // iteration, a bar (first pass: share of RAM sent; later: share of RAM still dirty), MiB sent,
 // bandwidth, dirty pages/s and expected downtime. `migrate` redraws it with '\r' on a TTY and
 // prints one per update otherwise.
+// One adaptive-policy decision as printed by `migrate` ("policy: pass N: ACTION step ...").
+std::string FormatPolicyDecision(const PolicyDecision& decision);
 std::string FormatMigrationProgressLine(const MigrationProgress& progress);
 
 // Multi-line "key: value" summary of a migration (what `migrate` prints at the end and

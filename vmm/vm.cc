@@ -40,6 +40,7 @@
 #include "vmm/event_loop.h"
 #include "vmm/kvm/kvm.h"
 #include "vmm/memory/guest_memory.h"
+#include "vmm/throttle.h"
 #include "vmm/vcpu.h"
 
 namespace microvmm {
@@ -175,6 +176,58 @@ class VmImpl : public Vm {
     for (const auto& v : vcpus_) out.push_back(v->tid());
     return out;
   }
+  bool KvmUserfaultAvailable() override {
+    static std::once_flag once;
+    static bool available = false;
+    std::call_once(once, [&] {
+      std::string why;
+      auto ok = ProbeKvmUserfault(*kvm_, &why);
+      available = ok.ok() && *ok;
+    });
+    return available;
+  }
+  absl::Status SetMemoryFaultHandler(
+      std::function<absl::Status(int, uint64_t, uint64_t, uint64_t)> fn) override {
+    if (state() != RunState::kCreated)
+      return absl::FailedPreconditionError("memory fault handler: the VM already runs");
+    for (auto& v : vcpus_) v->SetMemoryFaultHandler(fn);
+    return absl::OkStatus();
+  }
+  void SetVcpuWaitingProbe(std::function<bool(int)> waiting) override {
+    std::lock_guard lock(mu_);
+    waiting_probe_ = std::move(waiting);
+  }
+  absl::StatusOr<int> SetThrottle(int percent) override {
+    std::lock_guard lock(throttle_mu_);
+    if (throttle_ == nullptr) {
+      if (percent == 0) return 0;
+      std::vector<Vcpu*> v;
+      for (auto& c : vcpus_) v.push_back(c.get());
+      auto t = VcpuThrottle::Create(std::move(v));
+      if (!t.ok()) return t.status();
+      throttle_ = std::move(*t);
+    }
+    return throttle_->SetPercent(percent);
+  }
+  int throttle_percent() const override {
+    std::lock_guard lock(throttle_mu_);
+    return throttle_ ? throttle_->percent() : 0;
+  }
+  absl::Status SetRamUserfault(const std::vector<const void*>& bitmaps) override {
+    const auto& regions = mem_->regions();
+    if (!bitmaps.empty() && bitmaps.size() != regions.size())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "%d userfault bitmaps for %d RAM regions", bitmaps.size(), regions.size()));
+    for (size_t i = 0; i < regions.size(); ++i) {
+      const auto& r = regions[i];
+      const void* bm = bitmaps.empty() ? nullptr : bitmaps[i];
+      if (absl::Status s = vm_->SetUserMemoryRegion2(RamSlot(i), bm ? KVM_MEM_USERFAULT : 0,
+                                                     r.gpa, r.size, r.host, bm);
+          !s.ok())
+        return s;
+    }
+    return absl::OkStatus();
+  }
   void SetMigrationNote(const std::string& note) override {
     std::lock_guard lock(mu_);
     migration_note_ = note;
@@ -261,6 +314,10 @@ class VmImpl : public Vm {
   Bus pio_;
   Bus mmio_;
   std::vector<std::unique_ptr<Vcpu>> vcpus_;
+  std::function<bool(int)> waiting_probe_;  // guarded by mu_ (SetVcpuWaitingProbe)
+  // After vcpus_: destroyed first (its timer thread kicks them).
+  mutable std::mutex throttle_mu_;
+  std::unique_ptr<VcpuThrottle> throttle_;
 
   // Boot entry.
   bool linux_ = false;
@@ -313,7 +370,8 @@ absl::Status VmImpl::Build() {
   mem_ = std::move(*mem);
   uint32_t slot = 0;
   for (const auto& r : mem_->regions()) {
-    if (absl::Status s = vm_->SetUserMemoryRegion(slot++, 0, r.gpa, r.size, r.host); !s.ok())
+    if (absl::Status s = vm_->SetUserMemoryRegion(RamSlot(slot++), 0, r.gpa, r.size, r.host);
+        !s.ok())
       return s;
   }
   if (absl::Status s = SetupDevices(); !s.ok()) return s;
@@ -726,10 +784,15 @@ absl::Status VmImpl::Pause() {
   for (auto& v : vcpus_) v->RequestPause();
   // Wait until every vCPU is parked. One waiting for a post-copy page in the kernel runs no guest
   // code; it is not kicked (see Vcpu::BlockedOnMissingPage) and parks at its next exit.
+  std::function<bool(int)> waiting;
+  {
+    std::lock_guard lock(mu_);
+    waiting = waiting_probe_;
+  }
   for (;;) {
     bool all = true;
     for (auto& v : vcpus_) {
-      if (v->paused() || v->BlockedOnMissingPage()) continue;
+      if (v->paused() || v->BlockedOnMissingPage() || (waiting && waiting(v->id()))) continue;
       all = false;
       if (!v->WaitPausedFor(std::chrono::milliseconds(5))) v->RequestPause();  // kick again
     }

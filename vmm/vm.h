@@ -6,6 +6,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -74,6 +75,25 @@ class Vm {
   // Linux thread ids of the vCPU threads, by vCPU index (0 for a vCPU whose thread has not
   // started). Post-copy attributes memory faults to vCPUs with them.
   virtual std::vector<pid_t> VcpuThreadIds() const = 0;
+  // Exit-driven post-copy (KVM Userfault; see migration/postcopy/kvm_userfault.h).
+  // Does this host's KVM offer it? Probed once per process by behaviour (a scratch VM).
+  virtual bool KvmUserfaultAvailable() = 0;
+  // `fn` serves KVM_EXIT_MEMORY_FAULT with the userfault flag on each vCPU's own thread
+  // (see Vcpu::MemoryFaultFn). Before Boot() only.
+  virtual absl::Status SetMemoryFaultHandler(
+      std::function<absl::Status(int vcpu, uint64_t gpa, uint64_t size, uint64_t flags)> fn) = 0;
+  // Re-registers the memslot of RAM region i with KVM_MEM_USERFAULT and bitmaps[i]; an empty
+  // vector re-registers every RAM memslot without the flag (post-copy over).
+  virtual absl::Status SetRamUserfault(const std::vector<const void*>& bitmaps) = 0;
+  // Post-copy: `waiting(i)` says vCPU i waits for a missing page (see PostcopyMemory::
+  // LaneWaiting); Pause() then counts it as stopped instead of signalling it again. Empty: none.
+  virtual void SetVcpuWaitingProbe(std::function<bool(int vcpu)> waiting) = 0;
+  // Throttles every vCPU to about `percent` % of wall time outside KVM_RUN without making it deaf
+  // to interrupts (vmm/throttle.h). 0 releases at once; capped at 90. Returns the percent set.
+  virtual absl::StatusOr<int> SetThrottle(int percent) = 0;
+  virtual int throttle_percent() const = 0;
+  // RAM region i is memslot RamSlot(i).
+  static uint32_t RamSlot(size_t region) { return static_cast<uint32_t>(region); }
   // A line about the VM's migration state for the API (e.g. why an incoming post-copy stopped).
   virtual void SetMigrationNote(const std::string& note) = 0;
   virtual std::string migration_note() const = 0;

@@ -10,8 +10,10 @@
 #include <time.h>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 
+#include "absl/time/clock.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "vmm/base/log.h"
@@ -106,6 +108,8 @@ absl::StatusOr<std::unique_ptr<PostcopyMemory>> PostcopyMemory::Create(GuestMemo
     pm->fault_info_[i].store(0, std::memory_order_relaxed);
   for (int i = 0; i <= options.lanes; ++i)
     pm->counters_.push_back(std::make_unique<LaneCounters>());
+  pm->lane_wait_ = std::make_unique<std::atomic<int64_t>[]>(std::max(1, options.lanes));
+  for (int i = 0; i < options.lanes; ++i) pm->lane_wait_[i].store(-1);
   return pm;
 }
 
@@ -141,6 +145,17 @@ int PostcopyMemory::LaneSlot(int lane) const {
   return lane >= 0 && lane < options_.lanes ? lane : options_.lanes;
 }
 
+void PostcopyMemory::NoteLaneWaiting(int lane, uint64_t index) {
+  if (lane >= 0 && lane < options_.lanes)
+    lane_wait_[lane].store(static_cast<int64_t>(index), std::memory_order_release);
+}
+
+bool PostcopyMemory::LaneWaiting(int lane) const {
+  if (lane < 0 || lane >= options_.lanes || !started_.load()) return false;
+  const int64_t index = lane_wait_[lane].load(std::memory_order_acquire);
+  return index >= 0 && states_.Get(static_cast<uint64_t>(index)) != PageState::kPresent;
+}
+
 void PostcopyMemory::RecordFault(uint64_t index, int lane) {
   uint64_t t = static_cast<uint64_t>(NowNs() - start_ns_);
   fault_info_[index].store((t << 16) | static_cast<uint64_t>(LaneSlot(lane) + 1),
@@ -148,6 +163,8 @@ void PostcopyMemory::RecordFault(uint64_t index, int lane) {
 }
 
 void PostcopyMemory::RecordInstalled(uint64_t index) {
+  // The page is in guest RAM now (release order in Clear): vCPUs may map it without exiting.
+  if (kvm_bitmap_ != nullptr) kvm_bitmap_->Clear(states_.GpaOf(index));
   uint64_t info = fault_info_[index].load(std::memory_order_relaxed);
   if (info == 0) return;
   uint64_t now = static_cast<uint64_t>(NowNs() - start_ns_);
@@ -193,12 +210,29 @@ absl::Status PostcopyMemory::Start(const std::vector<std::vector<uint64_t>>& pre
   };
   if (started_.exchange(true)) return absl::FailedPreconditionError("post-copy already started");
   start_ns_ = NowNs();
+  // Start() runs inside the switchover downtime: its phases are logged.
+  const absl::Time t_begin = absl::Now();
   for (size_t r = 0; r < regions.size(); ++r) {
     uint64_t first = states_.FirstPage(r);
-    for (uint64_t pg = 0; pg < regions[r].size / kPageSize; ++pg)
-      states_.Set(first + pg, bit(present, r, pg)  ? PageState::kPresent
-                              : bit(zero, r, pg)   ? PageState::kZero
-                                                   : PageState::kMissing);
+    // Every page is kMissing since Create(): only set bits need a store (a word at a time; a
+    // pure post-copy has hardly any), which keeps this loop out of the downtime.
+    const uint64_t n = regions[r].size / kPageSize;
+    for (uint64_t w = 0; w * 64 < n; ++w) {
+      const uint64_t p = present.empty() ? 0 : present[r][w];
+      const uint64_t z = zero.empty() ? 0 : zero[r][w] & ~p;
+      for (uint64_t m = p | z; m != 0; m &= m - 1) {
+        const uint64_t pg = w * 64 + std::countr_zero(m);
+        if (pg >= n) break;
+        states_.Set(first + pg, (p >> (pg % 64)) & 1 ? PageState::kPresent : PageState::kZero);
+      }
+    }
+    if (kvm_bitmap_ != nullptr)  // before any vCPU runs: set = not present (zero pages too)
+      for (uint64_t pg = 0; pg < regions[r].size / kPageSize; ++pg) {
+        const uint64_t gpa = regions[r].gpa + pg * kPageSize;
+        if (bit(present, r, pg) ? !kvm_bitmap_->Clear(gpa) : !kvm_bitmap_->Set(gpa))
+          return absl::InvalidArgumentError(absl::StrFormat(
+              "post-copy start: gpa 0x%x has no KVM userfault bitmap slot", gpa));
+      }
   }
   // Calls fn(region, first page, count, present?) for maximal runs of equal presence.
   auto for_runs = [&](auto fn) -> absl::Status {
@@ -216,6 +250,7 @@ absl::Status PostcopyMemory::Start(const std::vector<std::vector<uint64_t>>& pre
   };
 
   using Mode = PostcopyOptions::Mode;
+  const absl::Time t_states = absl::Now();
   if (mode_ == Mode::kMinor) {
     for (const GuestMemory::Region& r : regions) {
       void* p = ::mmap(nullptr, r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE,
@@ -261,20 +296,40 @@ absl::Status PostcopyMemory::Start(const std::vector<std::vector<uint64_t>>& pre
       sh.ranges.push_back({regions[r].host + off, len});
     }
   }
+  const absl::Time t_registered = absl::Now();
   // Drop stale content now that every access to a non-present page is trapped. Punching a hole
   // in shmem also zaps the PTEs of every mapping (guest, alias, KVM via MMU notifiers).
   absl::Status punched = for_runs([&](size_t r, uint64_t pg, uint64_t n, bool p) {
     if (p) return absl::OkStatus();
-    if (::fallocate(regions[r].memfd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                    static_cast<off_t>(pg * kPageSize), static_cast<off_t>(n * kPageSize)) != 0)
-      return ErrnoStatus(errno, "fallocate(PUNCH_HOLE) of missing guest pages");
+    // Punch only where the memfd holds data (SEEK_DATA/SEEK_HOLE): a pure post-copy's
+    // destination received next to nothing, and punching an empty range still walks it.
+    const int fd = regions[r].memfd.get();
+    off_t pos = static_cast<off_t>(pg * kPageSize);
+    const off_t end = static_cast<off_t>((pg + n) * kPageSize);
+    while (pos < end) {
+      off_t data = ::lseek(fd, pos, SEEK_DATA);
+      if (data < 0) {
+        if (errno == ENXIO) break;  // no data after pos
+        data = pos;                 // SEEK_DATA unsupported: punch everything
+      }
+      if (data >= end) break;
+      off_t hole = ::lseek(fd, data, SEEK_HOLE);
+      if (hole < 0 || hole > end) hole = end;
+      if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, data, hole - data) != 0)
+        return ErrnoStatus(errno, "fallocate(PUNCH_HOLE) of missing guest pages");
+      pos = hole;
+    }
     return absl::OkStatus();
   });
   if (!punched.ok()) return punched;
   for (auto& s : shards_) s->reader = std::thread(&PostcopyMemory::ReaderLoop, this, s.get());
-  LOG_INFO("post-copy started: %s mode, %d shards, %d of %d pages missing (%d known zero)",
+  const absl::Time t_end = absl::Now();
+  auto ms = [](absl::Duration d) { return absl::ToDoubleMilliseconds(d); };
+  LOG_INFO("post-copy started: %s mode, %d shards, %d of %d pages missing (%d known zero) in "
+           "%.1f ms (page states %.1f, map+register %.1f, drop stale %.1f)",
            mode_ == Mode::kMinor ? "MINOR" : "MISSING", nshards_, missing_pages(),
-           states_.pages(), states_.Count(PageState::kZero));
+           states_.pages(), states_.Count(PageState::kZero), ms(t_end - t_begin),
+           ms(t_states - t_begin), ms(t_registered - t_states), ms(t_end - t_registered));
   return absl::OkStatus();
 }
 
@@ -366,6 +421,7 @@ void PostcopyMemory::HandleFault(Shard& shard, const Userfaultfd::Event& ev) {
   int lane = lane_of_(ev.tid);
   if (lane < 0 || lane >= options_.lanes) lane = kVmmLane;
   counters_[LaneSlot(lane)]->faults.fetch_add(1, std::memory_order_relaxed);
+  NoteLaneWaiting(lane, *index);
   for (;;) {
     switch (states_.Get(*index)) {
       case PageState::kMissing:
@@ -431,21 +487,14 @@ void PostcopyMemory::StopReaders() {
   }
 }
 
-absl::Status PostcopyMemory::EnsurePresent(uint64_t gpa, uint64_t len, absl::Duration timeout) {
-  if (!started_.load()) return absl::FailedPreconditionError("post-copy not started");
-  if (len == 0) return absl::OkStatus();
-  if (!mem_->Contains(gpa, len))
-    return absl::OutOfRangeError(
-        absl::StrFormat("ensure-present [0x%x, +0x%x): not inside guest RAM", gpa, len));
-  const uint64_t first = *states_.IndexOf(gpa);
-  const uint64_t last = *states_.IndexOf(gpa + len - 1);
+absl::Status PostcopyMemory::ClaimRange(uint64_t first, uint64_t last, int lane) {
   for (uint64_t i = first; i <= last; ++i) {
     switch (states_.Get(i)) {
       case PageState::kMissing:
         if (states_.TryClaim(i)) {
-          counters_[LaneSlot(kVmmLane)]->faults.fetch_add(1, std::memory_order_relaxed);
-          RecordFault(i, kVmmLane);
-          RequestFetch(i, kVmmLane);
+          counters_[LaneSlot(lane)]->faults.fetch_add(1, std::memory_order_relaxed);
+          RecordFault(i, lane);
+          RequestFetch(i, lane);
         }
         break;
       case PageState::kZero: {
@@ -457,7 +506,11 @@ absl::Status PostcopyMemory::EnsurePresent(uint64_t gpa, uint64_t len, absl::Dur
         break;
     }
   }
-  const absl::Time deadline = absl::Now() + timeout;
+  return absl::OkStatus();
+}
+
+absl::Status PostcopyMemory::WaitPresent(uint64_t first, uint64_t last, absl::Time deadline,
+                                         bool through_suspend) {
   uint64_t next = first;  // pages before `next` are known present
   absl::MutexLock l(&mu_);
   waiters_.fetch_add(1, std::memory_order_seq_cst);
@@ -465,7 +518,7 @@ absl::Status PostcopyMemory::EnsurePresent(uint64_t gpa, uint64_t len, absl::Dur
   for (;;) {
     while (next <= last && states_.Get(next) == PageState::kPresent) ++next;
     if (next > last) break;
-    if (suspended_.load()) {
+    if (!through_suspend && suspended_.load()) {
       result = absl::UnavailableError(absl::StrFormat(
           "post-copy suspended (source gone): gpa 0x%x still missing", states_.GpaOf(next)));
       break;
@@ -473,14 +526,57 @@ absl::Status PostcopyMemory::EnsurePresent(uint64_t gpa, uint64_t len, absl::Dur
     if (cv_.WaitWithDeadline(&mu_, deadline) && absl::Now() >= deadline) {
       while (next <= last && states_.Get(next) == PageState::kPresent) ++next;
       if (next > last) break;
-      result = absl::DeadlineExceededError(absl::StrFormat(
-          "post-copy: gpa 0x%x not received within %s", states_.GpaOf(next),
-          absl::FormatDuration(timeout)));
+      result = absl::DeadlineExceededError(
+          absl::StrFormat("post-copy: gpa 0x%x not received in time", states_.GpaOf(next)));
       break;
     }
   }
   waiters_.fetch_sub(1, std::memory_order_seq_cst);
   return result;
+}
+
+absl::Status PostcopyMemory::EnsurePresent(uint64_t gpa, uint64_t len, absl::Duration timeout) {
+  if (!started_.load()) return absl::FailedPreconditionError("post-copy not started");
+  if (len == 0) return absl::OkStatus();
+  if (!mem_->Contains(gpa, len))
+    return absl::OutOfRangeError(
+        absl::StrFormat("ensure-present [0x%x, +0x%x): not inside guest RAM", gpa, len));
+  const uint64_t first = *states_.IndexOf(gpa);
+  const uint64_t last = *states_.IndexOf(gpa + len - 1);
+  if (absl::Status s = ClaimRange(first, last, kVmmLane); !s.ok()) return s;
+  absl::Status s = WaitPresent(first, last, absl::Now() + timeout, /*through_suspend=*/false);
+  if (absl::IsDeadlineExceeded(s))
+    return absl::DeadlineExceededError(
+        absl::StrCat(s.message(), " (waited ", absl::FormatDuration(timeout), ")"));
+  return s;
+}
+
+absl::Status PostcopyMemory::ResolveVcpuExit(int lane, uint64_t gpa, uint64_t size,
+                                             const std::function<bool()>& give_up,
+                                             absl::Duration poll) {
+  if (!started_.load()) return absl::FailedPreconditionError("post-copy not started");
+  // KVM reports the faulting access; it may be unaligned and (in principle) cross a page.
+  const uint64_t begin = gpa & ~(kPageSize - 1);
+  const uint64_t end = (gpa + std::max<uint64_t>(size, 1) + kPageSize - 1) & ~(kPageSize - 1);
+  if (!mem_->Contains(begin, end - begin))
+    return absl::OutOfRangeError(absl::StrFormat(
+        "userfault exit of vCPU %d at gpa 0x%x (+%d): not guest RAM", lane, gpa, size));
+  const uint64_t first = *states_.IndexOf(begin);
+  const uint64_t last = *states_.IndexOf(end - 1);
+  NoteLaneWaiting(lane, first);
+  if (absl::Status s = ClaimRange(first, last, lane); !s.ok()) return s;
+  for (;;) {
+    absl::Status s = WaitPresent(first, last, absl::Now() + poll, /*through_suspend=*/true);
+    if (s.ok()) break;
+    if (!absl::IsDeadlineExceeded(s)) return s;
+    if (give_up && give_up())
+      return absl::CancelledError(absl::StrFormat(
+          "vCPU %d stopped while waiting for post-copy page 0x%x", lane, begin));
+  }
+  // Installing already cleared the bits; a page that was present before the exit (the bit was
+  // still set, e.g. a race with the installer) is cleared here.
+  if (kvm_bitmap_ != nullptr) kvm_bitmap_->ClearRange(begin, end - begin);
+  return absl::OkStatus();
 }
 
 void PostcopyMemory::Suspend() {
@@ -507,6 +603,7 @@ uint64_t PostcopyMemory::SettleZeroPages() {
   for (uint64_t i = 0; i < states_.pages(); ++i) {
     if (!states_.Transition(i, PageState::kZero, PageState::kInstalling)) continue;
     states_.MarkPresent(i);
+    if (kvm_bitmap_ != nullptr) kvm_bitmap_->Clear(states_.GpaOf(i));
     ++n;
   }
   return n;

@@ -32,6 +32,7 @@
 #include "migration/postcopy/page_state.h"
 #include "migration/postcopy/uffd.h"
 #include "vmm/base/fd.h"
+#include "migration/postcopy/kvm_userfault.h"
 #include "vmm/memory/guest_memory.h"
 
 namespace microvmm::migration {
@@ -87,6 +88,26 @@ class PostcopyMemory {
   // and waits up to `timeout` (DeadlineExceeded). Unavailable while suspended (source gone).
   absl::Status EnsurePresent(uint64_t gpa, uint64_t len, absl::Duration timeout);
 
+  // Exit-driven post-copy (KVM Userfault): from Start() on, `bitmap` (one slot per RAM region,
+  // same order, already added) has a set bit exactly for the pages not present here; each bit
+  // is cleared once its page is installed, whichever path installed it (demand, push, zero).
+  // Call before Start(); `bitmap` must outlive this object. The userfaultfd registration stays:
+  // VMM threads still fault through it, and it backs up the bitmap.
+  void AttachKvmUserfault(KvmUserfaultBitmap* bitmap) { kvm_bitmap_ = bitmap; }
+  // A vCPU took KVM_EXIT_MEMORY_FAULT (userfault flag) for [gpa, gpa+size): fetches the missing
+  // pages on lane `lane` (the vCPU's own), waits until they are present, clears their bits and
+  // returns OK (the vCPU re-enters). While post-copy is suspended (source gone, recovery pending)
+  // it keeps waiting: a page is never replaced by zeros. Gives up (CANCELLED) only when
+  // `give_up()` says so (the vCPU is asked to stop), checked every `poll`.
+  absl::Status ResolveVcpuExit(int lane, uint64_t gpa, uint64_t size,
+                               const std::function<bool()>& give_up,
+                               absl::Duration poll = absl::Milliseconds(100));
+
+  // vCPU `lane` faulted on a page that is not present yet: it cannot run guest code until the
+  // page arrives (whether it sits in the fault or, after a signal, retries it). Lets Vm::Pause
+  // leave it alone instead of signalling it again and again.
+  bool LaneWaiting(int lane) const;
+
   // The source has pushed every page it had to: pages still known-zero need nothing from it.
   // They count as present from now on and stay holes (reading zeros); a fault on one before
   // Finish() is resolved with a zero page (the kPresent/MISSING case). Returns how many.
@@ -139,6 +160,13 @@ class PostcopyMemory {
   Shard& ShardOf(uint64_t index) const;
   int LaneSlot(int lane) const;  // counters index; kVmmLane -> lanes
   void RecordFault(uint64_t index, int lane);
+  void NoteLaneWaiting(int lane, uint64_t index);
+  // Fetches the missing pages of [first, last] on `lane` (claims them), resolves known-zero ones.
+  absl::Status ClaimRange(uint64_t first, uint64_t last, int lane);
+  // Waits until pages [first, last] are present. Unavailable when suspended (unless
+  // `through_suspend`), DeadlineExceeded at `deadline`.
+  absl::Status WaitPresent(uint64_t first, uint64_t last, absl::Time deadline,
+                           bool through_suspend);
   void RecordInstalled(uint64_t index);
   void RequestFetch(uint64_t index, int lane);
   // Installs `src` (nullptr: zeros) into a page this thread moved to kInstalling.
@@ -170,6 +198,9 @@ class PostcopyMemory {
 
   std::atomic<uint64_t> pulled_{0}, pushed_{0}, duplicates_{0}, zeroed_{0};
   std::atomic<bool> started_{false}, finished_{false}, suspended_{false};
+  KvmUserfaultBitmap* kvm_bitmap_ = nullptr;
+  // Per vCPU lane: index of the page its last fault was on (-1: none yet).
+  std::unique_ptr<std::atomic<int64_t>[]> lane_wait_;
   int64_t start_ns_ = 0;
 
   // EnsurePresent waiters; installers signal only when someone waits.

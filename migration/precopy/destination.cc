@@ -9,6 +9,7 @@
 #include "api/listen.h"
 #include "migration/stream/page_codec.h"
 #include "vmm/base/log.h"
+#include "vmm/kvm/linux_kvm.h"
 #include "vmm/memory/guest_memory.h"
 
 namespace microvmm::migration {
@@ -20,7 +21,11 @@ MigrationDestination::~MigrationDestination() {
   // A post-copy that never completed leaves guest threads blocked on missing pages. Closing the
   // userfaultfds would let the kernel zero-fill those pages under a guest that may still run, so
   // the memory layer is deliberately left alive until the process exits.
-  if (postcopy_ != nullptr && !postcopy_->complete()) (void)postcopy_.release();
+  if (postcopy_ != nullptr && !postcopy_->complete()) {
+    (void)postcopy_.release();
+  } else if (postcopy_ != nullptr && postcopy_vm_ != nullptr) {
+    postcopy_vm_->SetVcpuWaitingProbe({});  // it points into postcopy_
+  }
 }
 
 void MigrationDestination::Finish(absl::StatusOr<std::unique_ptr<Vm>> result) {
@@ -137,6 +142,21 @@ absl::Status MigrationDestination::RunControl(
       prepared_postcopy_ = std::move(*pc);
     else
       prepared_error_ = pc.status();
+    kvm_userfault_.reset();
+    if (prepared_postcopy_ != nullptr && v->KvmUserfaultAvailable()) {
+      auto bm = std::make_unique<KvmUserfaultBitmap>();
+      absl::Status s;
+      const auto& regions = v->memory().regions();
+      for (size_t i = 0; i < regions.size() && s.ok(); ++i)
+        s = bm->AddSlot(Vm::RamSlot(i), regions[i].gpa, regions[i].size).status();
+      if (s.ok()) {
+        kvm_userfault_ = std::move(bm);
+        prepared_postcopy_->AttachKvmUserfault(kvm_userfault_.get());
+      } else {
+        LOG_WARN("KVM Userfault bitmaps: %s; post-copy faults go through userfaultfd",
+                 s.ToString());
+      }
+    }
   }
   DestinationMessage reply;
   reply.mutable_accepted();
@@ -369,9 +389,18 @@ grpc::Status MigrationDestination::Demand(
     }
   }
   absl::Status status;
+  const std::string id = batch.migration_id();
+  const uint32_t lane_index = batch.stream();
   while (stream->Read(&batch)) {
     if (postcopy_ == nullptr) {
       status = absl::FailedPreconditionError("page answer before post-copy started");
+      break;
+    }
+    // Every answer names the lane's migration and index, as the hello did (like page streams).
+    if (batch.migration_id() != id || batch.stream() != lane_index) {
+      status = absl::InvalidArgumentError(absl::StrFormat(
+          "demand lane %d: answer for migration '%s' lane %d", lane_index,
+          batch.migration_id().substr(0, 64), batch.stream()));
       break;
     }
     for (const PageRecord& rec : batch.pages()) {
@@ -384,11 +413,21 @@ grpc::Status MigrationDestination::Demand(
     absl::MutexLock lock(&lane->mu);
     if (lane->stream == stream) lane->stream = nullptr;  // else a recovery reopened the lane
   }
-  if (generation == generation_.load() && postcopy_running_.load() && postcopy_ != nullptr &&
-      !postcopy_->complete())
-    FailPostcopy(status.ok() ? absl::UnavailableError(absl::StrFormat(
-                                   "demand lane %d to the source was lost", batch.stream()))
-                             : status);
+  if (generation == generation_.load() && postcopy_ != nullptr && !postcopy_->complete()) {
+    absl::Status why = status.ok() ? absl::UnavailableError(absl::StrFormat(
+                                         "demand lane %d to the source was lost", lane_index))
+                                   : status;
+    {
+      // Before Go the guest does not run yet: the failure is applied once it does (below Go in
+      // RunPostcopy), so a lane broken early never leaves a running guest without its lane.
+      absl::MutexLock lock(&early_mu_);
+      if (!postcopy_running_.load()) {
+        if (early_failure_.ok()) early_failure_ = why;
+        why = absl::OkStatus();
+      }
+    }
+    if (!why.ok()) FailPostcopy(why);
+  }
   return ToGrpcStatus(status);
 }
 
@@ -400,6 +439,7 @@ PostcopyStats MigrationDestination::PostcopyStatsNow() const {
   out.set_pulled(s.pulled);
   out.set_pushed(s.pushed);
   out.set_duplicates(s.duplicates);
+  out.set_fault_path(kvm_userfault_ != nullptr ? "kvm-userfault" : "userfaultfd");
   auto put = [&](int lane, const PostcopyMemory::LaneStats& l) {
     LaneStats* x = out.add_lanes();
     x->set_lane(lane);
@@ -456,6 +496,31 @@ absl::Status MigrationDestination::RunPostcopy(
   // Stale and missing pages are dropped and guarded before anything (state restore included)
   // can touch guest memory.
   if (absl::Status s = postcopy_->Start(*present, *zero); !s.ok()) return s;
+  // A vCPU waiting for a missing page runs no guest code; pausing must not signal it again and
+  // again (on some KVMs a signal during the fault makes it retry in a loop).
+  {
+    PostcopyMemory* pc = postcopy_.get();
+    vm->SetVcpuWaitingProbe([pc](int vcpu) { return pc->LaneWaiting(vcpu); });
+  }
+  if (kvm_userfault_ != nullptr) {
+    // Exit-driven path: a vCPU touching a missing page exits to its own thread, which fetches the
+    // page on its own lane (no fault reader in between) and re-enters.
+    PostcopyMemory* pc = postcopy_.get();
+    absl::Status s = vm->SetMemoryFaultHandler(
+        [pc, vm](int vcpu, uint64_t gpa, uint64_t size, uint64_t flags) -> absl::Status {
+          if (!(flags & KVM_MEMORY_EXIT_FLAG_USERFAULT))
+            return absl::InternalError(absl::StrFormat(
+                "vCPU %d: memory fault exit at gpa 0x%x without the userfault flag (flags 0x%x)",
+                vcpu, gpa, flags));
+          return pc->ResolveVcpuExit(vcpu, gpa, size,
+                                     [vm] { return vm->state() == RunState::kExited; });
+        });
+    std::vector<const void*> bitmaps;
+    for (size_t i = 0; i < mem.regions().size(); ++i)
+      bitmaps.push_back(kvm_userfault_->SlotBitmap(Vm::RamSlot(i)));
+    if (s.ok()) s = vm->SetRamUserfault(bitmaps);
+    if (!s.ok()) return s;
+  }
   {
     absl::MutexLock lock(&mu_);
     streams_ = precopy_streams_ + sp.push_streams();
@@ -473,7 +538,12 @@ absl::Status MigrationDestination::RunPostcopy(
   SourceMessage msg;
   if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected before Go");
   if (!msg.has_go()) return absl::AbortedError("source did not send Go");
-  postcopy_running_ = true;
+  absl::Status early;
+  {
+    absl::MutexLock lock(&early_mu_);
+    postcopy_running_ = true;
+    early = early_failure_;
+  }
   if (absl::Status s = vm->Boot(); !s.ok()) return s;
   reply.Clear();
   reply.mutable_resumed()->set_resume_unix_ns(absl::ToUnixNanos(absl::Now()));
@@ -487,6 +557,7 @@ absl::Status MigrationDestination::RunPostcopy(
     }
     Finish(std::move(running));  // the VMM adopts the running VM now
   }
+  if (!early.ok()) FailPostcopy(early);  // a demand lane broke before Go
   ServePostcopy(stream, precopy_streams_);
   return absl::OkStatus();  // a failure is reported on the VM (which was handed over)
 }
@@ -526,6 +597,10 @@ void MigrationDestination::ServePostcopy(
           "%d pages still missing after the source pushed everything", postcopy_->missing_pages()));
     else
       result = postcopy_->Finish();
+    // Every page is here: memslots without KVM_MEM_USERFAULT again (the bitmap must outlive
+    // that), so vCPUs stop checking it.
+    if (result.ok() && kvm_userfault_ != nullptr) result = postcopy_vm_->SetRamUserfault({});
+    if (result.ok()) postcopy_vm_->SetVcpuWaitingProbe({});
   }
   stop_stats = true;
   reporter.join();

@@ -89,8 +89,13 @@ class MigrationDestination final : public Migration::Service {
   std::vector<std::unique_ptr<Lane>> lanes_;  // vCPUs + 1 (VMM threads); sized at the header
   std::unique_ptr<PostcopyMemory> prepared_postcopy_;  // built at the header, until the switch
   absl::Status prepared_error_;                        // why it could not be built
+  // Exit-driven post-copy: where KVM offers KVM Userfault (probed at the header), one bitmap
+  // slot per RAM region; vCPUs then take their missing-page faults as exits on their own thread.
+  std::unique_ptr<KvmUserfaultBitmap> kvm_userfault_;
   std::unique_ptr<PostcopyMemory> postcopy_;  // set before any push stream or lane answer
   std::atomic<bool> postcopy_running_{false};  // between Go and PostcopyDone
+  absl::Mutex early_mu_;        // orders a lane failure against Go
+  absl::Status early_failure_;  // a demand lane failed before Go (guarded by early_mu_)
   std::atomic<bool> postcopy_failed_{false};
   Vm* postcopy_vm_ = nullptr;  // owned by whoever took it from done_ (outlives this service)
   // Recovery. A generation counts connection sets: handlers of an older one (still winding down

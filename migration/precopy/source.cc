@@ -6,12 +6,14 @@
 #include <thread>
 #include <unistd.h>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
 #include "api/address.h"
 #include "migration/dirty/dirty_tracker.h"
 #include "migration/precopy/destination.h"
+#include "migration/precopy/adaptive.h"
 #include "migration/precopy/free_page_filter.h"
 #include "migration/stream/page_codec.h"
 #include "proto/migration.grpc.pb.h"
@@ -90,6 +92,15 @@ absl::StatusOr<SourceOptions> SourceOptionsFromRequest(const StartMigrationReque
   if (o.postcopy && o.postcopy_after_iterations != 0)
     return absl::InvalidArgumentError(
         "postcopy_after_iterations applies to a pre-copy; mode POSTCOPY switches at once");
+  if (req.has_policy()) {
+    if (o.postcopy)
+      return absl::InvalidArgumentError(
+          "an adaptive policy steers pre-copy passes; mode POSTCOPY runs none");
+    auto p = ValidatePolicyConfig(req.policy());
+    if (!p.ok())
+      return absl::InvalidArgumentError(absl::StrCat("policy: ", p.status().message()));
+    o.policy = *p;
+  }
   return o;
 }
 
@@ -113,13 +124,20 @@ class MigrationSource::Session {
     p.set_bytes_sent(std::max<uint64_t>(p.bytes_sent(), bytes_sent_));
     p.set_pages_sent(std::max<uint64_t>(p.pages_sent(), pages_sent_));
     p.set_zero_pages(std::max<uint64_t>(p.zero_pages(), zero_pages_));
-    uint64_t done_in_pass = pages_sent_ - pass_start_pages_;
+    p.set_hole_pages_not_sent(std::max<uint64_t>(p.hole_pages_not_sent(), holes_not_sent_));
+    uint64_t done_in_pass = pages_sent_ + holes_not_sent_ - pass_start_pages_;
     uint64_t total = pass_pages_;
     if (total > 0) p.set_remaining_pages(total > done_in_pass ? total - done_in_pass : 0);
     p.set_elapsed_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
     FillHints(p);
+    FillEncoding(p);
   }
   // Free-page hint counters, if the VM's balloon hints.
+  void FillEncoding(MigrationProgress& p) const {
+    if (adaptive_ == nullptr) return;
+    p.set_compressed_pages(adaptive_->encoder().compressed_pages());
+    p.set_delta_pages(adaptive_->encoder().delta_pages());
+  }
   void FillHints(MigrationProgress& p) const {
     if (hints_) {
       p.set_free_page_hint_bytes(hints_->hinted_bytes());
@@ -149,6 +167,7 @@ class MigrationSource::Session {
     uint64_t pages_sent = 0;
     std::vector<uint64_t> todo;
     std::vector<uint64_t> sent;  // pages of `todo` actually sent in this pass
+    std::vector<uint64_t> nonzero;  // pages of `sent` that went with content (not ZERO)
     size_t stopped_at = 0;       // todo[stopped_at..] not sent (a switch to post-copy)
     absl::Status status;
     bool finished = false;       // writer->Finish() was called
@@ -208,6 +227,9 @@ class MigrationSource::Session {
   std::vector<std::unique_ptr<Stream>> streams_;
   std::atomic<uint64_t> bytes_sent_{0}, pages_sent_{0}, zero_pages_{0};
   std::atomic<uint64_t> pass_pages_{0}, pass_start_pages_{0};  // the pass being sent
+  // Pages in a hole (never touched, ballooned out, or reported free by the guest and discarded)
+  // that the destination already holds as zeros: never sent (counted here instead).
+  std::atomic<uint64_t> holes_not_sent_{0};
   // Per RAM region, the [start, end) offsets of its memfd that hold data at the start of this
   // pass (SEEK_DATA/SEEK_HOLE). A page in a hole was never touched: it is sent as a ZERO tag
   // without reading it (reading would allocate it). A write after the snapshot makes the page
@@ -222,6 +244,12 @@ class MigrationSource::Session {
   bool paused_by_us_ = false;
   DirtySet sent_;    // pages sent at least once in pre-copy passes
   DirtySet unsent_;  // harvested dirty, then left unsent by a pass cut short for post-copy
+  // Pages ever sent with content: only those need a ZERO record when they become a hole (a fresh
+  // destination's RAM is all zeros; see ReceivedPages). Read-only while a pass runs.
+  DirtySet nonzero_;
+  // Post-copy: pages written after the last extents snapshot (empty before post-copy; in
+  // pre-copy such a page is dirty and simply goes again in the next pass).
+  DirtySet written_after_snapshot_;
   // Post-copy.
   std::shared_ptr<grpc::Channel> lane_channel_;
   std::vector<std::unique_ptr<LaneConn>> lanes_;
@@ -238,6 +266,12 @@ class MigrationSource::Session {
   PostcopyStats last_stats_;  // from the destination (reader thread only, then copied)
   absl::Mutex stats_mu_;
   std::unique_ptr<FreePageFilter> hints_;  // VM with a hinting balloon
+  std::unique_ptr<AdaptiveMigration> adaptive_;  // with a policy (SourceOptions::policy)
+ public:
+  void ReleaseThrottle() {
+    if (adaptive_) adaptive_->ReleaseThrottle();
+  }
+ private:
   bool hints_active_ = false;
 };
 
@@ -293,6 +327,26 @@ absl::Status MigrationSource::Session::SendStream(uint32_t index, uint32_t itera
     batch_bytes = 0;
     return absl::OkStatus();
   };
+  PageEncoder* encoder =
+      adaptive_ != nullptr && adaptive_->encoder().active() ? &adaptive_->encoder() : nullptr;
+  std::vector<uint64_t> pending;
+  auto encode_pending = [&]() -> absl::Status {
+    if (pending.empty()) return absl::OkStatus();
+    const int before = batch.pages_size();
+    auto size = encoder->Encode(
+        mem_, pending, [this](uint64_t gpa) { return InHole(gpa); }, iteration == 0,
+        batch.mutable_pages());
+    if (!size.ok()) return size.status();
+    batch_bytes += *size;
+    for (int r = before; r < batch.pages_size(); ++r) {
+      if (batch.pages(r).codec() == ZERO)
+        ++zero_pages_;
+      else
+        s.nonzero.push_back(batch.pages(r).gpa());
+    }
+    pending.clear();
+    return absl::OkStatus();
+  };
   s.stopped_at = s.todo.size();
   for (size_t i = 0; i < s.todo.size(); ++i) {
     const uint64_t gpa = s.todo[i];
@@ -301,15 +355,31 @@ absl::Status MigrationSource::Session::SendStream(uint32_t index, uint32_t itera
       break;
     }
     if (hints_ && hints_->Skip(gpa)) continue;  // hinted free, not written since
+    if (!nonzero_.Test(gpa) && InHole(gpa)) {      // the destination has it as zeros already
+      ++holes_not_sent_;
+      continue;
+    }
     s.sent.push_back(gpa);
+    if (encoder != nullptr) {  // adaptive: compression / delta, a batch at a time
+      pending.push_back(gpa);
+      if (pending.size() >= kPagesPerBatch)
+        if (absl::Status st = encode_pending(); !st.ok()) return st;
+      if (batch.pages_size() >= kPagesPerBatch)
+        if (absl::Status st = flush(); !st.ok()) return st;
+      continue;
+    }
     PageRecord* rec = batch.add_pages();
     auto size = EncodeGuestPage(gpa, rec);
     if (!size.ok()) return size.status();
     batch_bytes += *size;
-    if (rec->codec() == ZERO) ++zero_pages_;
+    if (rec->codec() == ZERO)
+      ++zero_pages_;
+    else
+      s.nonzero.push_back(gpa);
     if (batch.pages_size() >= kPagesPerBatch)
       if (absl::Status st = flush(); !st.ok()) return st;
   }
+  if (absl::Status st = encode_pending(); !st.ok()) return st;
   return flush();
 }
 
@@ -333,7 +403,7 @@ void MigrationSource::Session::SnapshotExtents() {
 }
 
 absl::StatusOr<uint64_t> MigrationSource::Session::EncodeGuestPage(uint64_t gpa, PageRecord* rec) {
-  if (InHole(gpa)) return EncodeZeroPage(gpa, rec);
+  if (InHole(gpa) && !written_after_snapshot_.Test(gpa)) return EncodeZeroPage(gpa, rec);
   auto host = mem_.HostPtr(gpa, kPageSize);
   if (!host.ok()) return host.status();
   return EncodePage(gpa, *host, rec);
@@ -361,6 +431,7 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
   for (auto& s : streams_) {
     s->todo.clear();
     s->sent.clear();
+    s->nonzero.clear();
   }
   dirty.ForEachSetPage(
       [&](uint64_t gpa) { streams_[StreamForPage(gpa, n)]->todo.push_back(gpa); });
@@ -372,6 +443,7 @@ absl::Status MigrationSource::Session::SendPages(DirtySet& dirty, uint32_t itera
   for (auto& w : workers) w.join();
   for (auto& s : streams_) {
     for (uint64_t gpa : s->sent) sent_.Set(gpa);
+    for (uint64_t gpa : s->nonzero) nonzero_.Set(gpa);
     for (size_t i = s->stopped_at; i < s->todo.size(); ++i) unsent_.Set(s->todo[i]);
   }
   pass_pages_ = 0;
@@ -439,6 +511,7 @@ absl::Status MigrationSource::Session::Run() {
   if (absl::Status s = OpenStreams(); !s.ok()) return s;
   sent_ = DirtySet::ForMemory(mem_);
   unsent_ = DirtySet::ForMemory(mem_);
+  nonzero_ = DirtySet::ForMemory(mem_);
   if (opt.postcopy) {
     DirtySet none = DirtySet::ForMemory(mem_);
     return RunPostcopy(*control, /*tracking=*/false, 0, none);
@@ -470,9 +543,16 @@ absl::Status MigrationSource::Session::Run() {
       hints_.reset();
     }
   }
+  if (opt.policy) {
+    auto a = AdaptiveMigration::Create(*opt.policy, vm_);
+    if (!a.ok()) return a.status();
+    adaptive_ = std::move(*a);
+    LOG_INFO("migration %s: adaptive policy on (%s)", o_->id_, opt.policy->ShortDebugString());
+  }
   uint32_t iteration = 0;
   absl::Time last_sync = absl::Now();
   uint64_t bandwidth = 0;
+  uint64_t effective_bandwidth = 0;  // guest-page bytes/s before encoding (compression shows)
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_PRECOPY); });
   for (;;) {
     if (Cancelled()) return absl::CancelledError("migration cancelled");
@@ -486,9 +566,36 @@ absl::Status MigrationSource::Session::Run() {
     uint64_t dirty_rate =
         iteration == 0 ? 0 : static_cast<uint64_t>(remaining / std::max(1e-6, absl::ToDoubleSeconds(now - last_sync)));
     last_sync = now;
+    const uint64_t rate = adaptive_ ? effective_bandwidth : bandwidth;
     absl::Duration expected =
-        bandwidth == 0 ? absl::InfiniteDuration()
-                       : absl::Seconds(static_cast<double>(remaining * kPageSize) / bandwidth);
+        rate == 0 ? absl::InfiniteDuration()
+                  : absl::Seconds(static_cast<double>(remaining * kPageSize) / rate);
+    if (adaptive_ && iteration > 0) {
+      IterationMetrics m;
+      m.set_iteration(iteration);
+      m.set_elapsed_ms(absl::ToInt64Milliseconds(now - start_));
+      m.set_remaining_bytes(remaining * kPageSize);
+      m.set_dirty_bytes_per_s(dirty_rate * kPageSize);
+      m.set_bandwidth_bytes_per_s(effective_bandwidth);
+      m.set_downtime_limit_ms(absl::ToInt64Milliseconds(opt.downtime_limit));
+      m.set_expected_downtime_ms(expected == absl::InfiniteDuration()
+                                     ? UINT32_MAX
+                                     : absl::ToInt64Milliseconds(expected));
+      auto decisions = adaptive_->Observe(m, dirty);
+      if (!decisions.ok()) return decisions.status();
+      Progress([&](MigrationProgress& p) {
+        for (PolicyDecision& d : *decisions) *p.add_policy_decisions() = std::move(d);
+        p.set_policy_tendency(adaptive_->tendency());
+        *p.mutable_policy_settings() = adaptive_->settings();
+        p.set_throttle_percent(adaptive_->settings().throttle_percent());
+      });
+      if (adaptive_->switch_to_postcopy()) {
+        LOG_INFO("migration %s: the adaptive policy switches to post-copy", o_->id_);
+        adaptive_->ReleaseThrottle();
+        o_->postcopy_requested_ = true;
+        return RunPostcopy(*control, true, iteration, dirty);
+      }
+    }
     Progress([&](MigrationProgress& p) {
       p.set_iteration(iteration);
       p.set_remaining_pages(remaining);
@@ -504,16 +611,20 @@ absl::Status MigrationSource::Session::Run() {
     }
     if (opt.max_iterations != 0 && iteration >= opt.max_iterations) break;
     absl::Time t0 = absl::Now();
-    uint64_t b0 = bytes_sent_;
+    uint64_t b0 = bytes_sent_, p0 = pages_sent_ - zero_pages_;
     if (absl::Status s = SendPages(dirty, iteration); !s.ok()) return s;
     double secs = std::max(1e-6, absl::ToDoubleSeconds(absl::Now() - t0));
     uint64_t sent = bytes_sent_ - b0;
     if (sent > 0) bandwidth = static_cast<uint64_t>(sent / secs);
+    if (uint64_t pages = pages_sent_ - zero_pages_ - p0; pages > 0)
+      effective_bandwidth = static_cast<uint64_t>(pages * kPageSize / secs);
     Progress([&](MigrationProgress& p) {
       p.set_bytes_sent(bytes_sent_);
       p.set_pages_sent(pages_sent_);
       p.set_zero_pages(zero_pages_);
+      p.set_hole_pages_not_sent(holes_not_sent_);
       p.set_bandwidth_bytes_per_s(bandwidth);
+      FillEncoding(p);
     });
     LOG_INFO("migration %s: iteration %d sent %d pages (%d KiB) in %d ms", o_->id_, iteration,
              remaining, sent / 1024, static_cast<int>(secs * 1000));
@@ -522,6 +633,7 @@ absl::Status MigrationSource::Session::Run() {
 
   // Switchover: stop the guest, send what is left and the state.
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_SWITCHOVER); });
+  if (adaptive_) adaptive_->ReleaseThrottle();  // converged (or out of passes): not needed now
   int64_t pause_ns = absl::ToUnixNanos(absl::Now());
   absl::Time pause_time = absl::Now();
   if (hints_) vm_->StopFreePageHints();  // no hint may arrive after the last harvest
@@ -566,6 +678,7 @@ absl::Status MigrationSource::Session::Run() {
     p.set_bytes_sent(bytes_sent_);
     p.set_pages_sent(pages_sent_);
     p.set_zero_pages(zero_pages_);
+    p.set_hole_pages_not_sent(holes_not_sent_);
     p.set_iteration(iteration);
     p.set_remaining_pages(0);
     p.set_source_pause_unix_ns(pause_ns);
@@ -576,6 +689,7 @@ absl::Status MigrationSource::Session::Run() {
       p.set_downtime_ms(absl::ToInt64Milliseconds(local_downtime));
     p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
     FillHints(p);
+    FillEncoding(p);
   });
   LOG_INFO("migration %s: switchover sent %d final pages; downtime %d ms", o_->id_, final_pages,
            resume_ns ? (resume_ns - pause_ns) / 1000000 : absl::ToInt64Milliseconds(local_downtime));
@@ -669,24 +783,37 @@ void MigrationSource::Session::ServeLane(uint32_t lane) {
     batch.set_migration_id(o_->id_);
     batch.set_stream(lane);
     uint64_t bytes = 0;
+    auto flush = [&] {
+      if (batch.pages_size() == 0) return true;
+      absl::MutexLock lock(&l.write_mu);
+      if (!l.stream->Write(batch)) return false;
+      pulled_pages_ += batch.pages_size();
+      pages_sent_ += batch.pages_size();
+      bytes_sent_ += bytes;
+      batch.clear_pages();
+      bytes = 0;
+      return true;
+    };
+    // The destination may ask for any number of gpas (a hostile one: 1e6 copies of one page,
+    // which once made a 4 GiB batch that gRPC could not serialize and aborted on): each page is
+    // answered once per request, in batches of kPagesPerBatch.
+    absl::flat_hash_set<uint64_t> answered;
+    bool ok = true;
     for (uint64_t gpa : req.gpas()) {
       if (gpa % kPageSize != 0 || !mem_.Contains(gpa, kPageSize)) {
         LOG_WARN_RATELIMITED("migration %s: lane %d asked for page 0x%x outside guest RAM",
                              o_->id_, lane, gpa);
         continue;
       }
+      if (!answered.insert(gpa).second) continue;
       MarkDelivered(gpa);
       uint64_t index;
       if (PageIndex(gpa, &index)) locality_hint_ = index + 1;
       // Inside RAM (checked above): encoding cannot fail.
       bytes += EncodeGuestPage(gpa, batch.add_pages()).value_or(0);
+      if (batch.pages_size() >= kPagesPerBatch && !(ok = flush())) break;
     }
-    if (batch.pages_size() == 0) continue;
-    absl::MutexLock lock(&l.write_mu);
-    if (!l.stream->Write(batch)) break;
-    pulled_pages_ += batch.pages_size();
-    pages_sent_ += batch.pages_size();
-    bytes_sent_ += bytes;
+    if (!ok || !flush()) break;
   }
 }
 
@@ -745,21 +872,36 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
   // they are opened while the guest still runs, to keep that out of the downtime.
   const uint32_t nlanes = vm_->config().vcpus() + 1;
   if (absl::Status s = OpenLanes(nlanes); !s.ok()) return s;
+  // Nothing more travels on the pre-copy streams (what is still dirty goes by demand or push):
+  // close them while the guest still runs, which keeps their round trips out of the downtime.
+  if (absl::Status s = CloseStreams(); !s.ok()) return s;
+  std::vector<uint64_t> precopy_counts;
+  for (auto& s : streams_) precopy_counts.push_back(s->pages_sent);
+  // Holes of guest RAM (zero at the source, nothing to send) are found with SEEK_DATA/SEEK_HOLE,
+  // which walks the whole memfd: done before the pause. A page written after this snapshot is
+  // caught by dirty logging (started here for a pure post-copy) and never taken for a hole.
+  if (!tracking) {
+    if (absl::Status s = tracker.Start(); !s.ok()) return s;
+    DirtySet first = DirtySet::ForMemory(mem_);  // the first harvest may report every page
+    if (absl::Status s = tracker.Sync(first); !s.ok()) return s;
+    tracking = true;
+  }
+  SnapshotExtents();
   const absl::Time pause_time = absl::Now();
   const int64_t pause_ns = absl::ToUnixNanos(pause_time);
   if (hints_) vm_->StopFreePageHints();
   if (absl::Status s = vm_->Pause(); !s.ok()) return s;
   paused_by_us_ = true;
+  const absl::Time paused_time = absl::Now();
   if (tracking) {
     if (absl::Status s = tracker.Sync(stale); !s.ok()) return s;
     if (hints_) hints_->ClearDirty(stale);
   }
   stale.Or(unsent_);
-  if (absl::Status s = CloseStreams(); !s.ok()) return s;
-  std::vector<uint64_t> precopy_counts;
-  for (auto& s : streams_) precopy_counts.push_back(s->pages_sent);
+  written_after_snapshot_ = DirtySet::ForMemory(mem_);
+  written_after_snapshot_.Or(stale);
   EndHints();  // the guest's hinted pages are free again (DONE travels in the balloon state)
-  SnapshotExtents();
+  const absl::Time synced_time = absl::Now();
 
   // What the destination has (present), what it can make up (zero), what must travel (push).
   page_base_.clear();
@@ -804,13 +946,17 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
       const uint64_t valid = (w == nw - 1 && pages % 64) ? (1ULL << (pages % 64)) - 1 : ~0ULL;
       const uint64_t pres = sent_w[w] & ~stale_w[w] & valid;
       const uint64_t hint = hinted.empty() ? 0 : hinted[ri][w];
-      const uint64_t zw = (~data[w] | hint) & ~pres & valid;
+      const uint64_t zw = ((~data[w] & ~stale_w[w]) | hint) & ~pres & valid;
       const uint64_t push = valid & ~pres & ~zw;
       present[w] = pres;
       zero[w] = zw;
       present_pages += std::popcount(pres);
       zero_pages += std::popcount(zw);
       missing += std::popcount(push);
+      if (base % 64 == 0) {  // the region's pages start on a word of the global map
+        push_todo_[base / 64 + w].store(push, std::memory_order_relaxed);
+        continue;
+      }
       for (uint64_t bits = push; bits != 0; bits &= bits - 1) {  // global index (any alignment)
         uint64_t i = base + w * 64 + static_cast<uint64_t>(std::countr_zero(bits));
         push_todo_[i / 64].fetch_or(1ULL << (i % 64), std::memory_order_relaxed);
@@ -819,6 +965,7 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
     sp->add_present(WordsToBytes(present));
     sp->add_zero(WordsToBytes(zero));
   }
+  const absl::Time maps_time = absl::Now();
 
   {
     absl::MutexLock lock(&push_mu_);
@@ -833,9 +980,14 @@ absl::Status MigrationSource::Session::RunPostcopy(ControlStream& control, bool 
   sp->set_lanes(nlanes);
   sp->set_push_streams(opt.streams);
   LOG_INFO("migration %s: post-copy switchover: %d pages present at the destination, %d zero, "
-           "%d to pull or push; state ready %d ms after the pause",
+           "%d to pull or push; state ready %.1f ms after the pause (vCPUs parked %.1f, last "
+           "harvest + streams closed %.1f, maps %.1f, device/vCPU state %.1f)",
            o_->id_, present_pages, zero_pages, missing,
-           absl::ToInt64Milliseconds(absl::Now() - pause_time));
+           absl::ToDoubleMilliseconds(absl::Now() - pause_time),
+           absl::ToDoubleMilliseconds(paused_time - pause_time),
+           absl::ToDoubleMilliseconds(synced_time - paused_time),
+           absl::ToDoubleMilliseconds(maps_time - synced_time),
+           absl::ToDoubleMilliseconds(absl::Now() - maps_time));
 
   if (!control.Write(msg)) return control_error("before the post-copy state");
   DestinationMessage reply;
@@ -976,9 +1128,11 @@ absl::Status MigrationSource::Session::PostcopyLoop(ControlStream& control, size
     p.set_bytes_sent(bytes_sent_);
     p.set_pages_sent(pages_sent_);
     p.set_zero_pages(zero_pages_);
+    p.set_hole_pages_not_sent(holes_not_sent_);
     p.set_remaining_pages(result.ok() ? 0 : p.remaining_pages());
     p.set_total_ms(absl::ToInt64Milliseconds(absl::Now() - start_));
     FillHints(p);
+    FillEncoding(p);
   });
   LOG_INFO("migration %s: post-copy %s: %d pages pulled on demand, %d pushed", o_->id_,
            result.ok() ? "complete" : "failed", pulled_pages_.load(), pushed_pages_.load());
@@ -1138,6 +1292,7 @@ absl::Status MigrationSource::RecoverPostcopy(const std::string& destination) {
 }
 
 void MigrationSource::Conclude(absl::Status s) {
+  session_->ReleaseThrottle();  // whatever the outcome, the guest runs (or ends) at full speed
   if (!s.ok() && session_->postcopy_live()) {
     // The destination runs the guest and waits (paused) for the pages still here: keep them.
     LOG_ERROR("migration %s: post-copy paused: %s", id_, s.message());

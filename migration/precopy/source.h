@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 
@@ -12,6 +13,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
+#include "proto/policy.pb.h"
 #include "proto/vmm.pb.h"
 #include "vmm/vm.h"
 
@@ -26,6 +28,8 @@ struct SourceOptions {
   bool postcopy = false;         // pure post-copy: switch right after the header
   uint32_t postcopy_after_iterations = 0;  // pre-copy, then post-copy after N passes (0: never)
   std::shared_ptr<grpc::ChannelCredentials> credentials;  // null: insecure
+  // Adaptive pre-copy (validated, defaults filled); unset: the fixed configuration above.
+  std::optional<PolicyConfig> policy;
 };
 
 // Validates and fills defaults from the API request.

@@ -522,6 +522,120 @@ TEST_P(PostcopyMemoryTest, SettledZeroPagesCompleteAndReadZeroWithoutFetching) {
   EXPECT_EQ(h.PendingRequests(), 0u) << "a known-zero page was fetched";
 }
 
+// ---- Exit-driven path (KVM Userfault): the bitmap KVM would read, and the vCPU-thread fetch.
+// No KVM needed: the bitmap is plain memory and ResolveVcpuExit is what the vCPU's
+// KVM_EXIT_MEMORY_FAULT handler calls (tests/postcopy/exit_driven_test drives it from the real
+// vCPU loop).
+
+// One bitmap slot over the harness's single region.
+std::unique_ptr<KvmUserfaultBitmap> AttachBitmap(Harness& h) {
+  auto bm = std::make_unique<KvmUserfaultBitmap>();
+  const auto& r = h.mem->regions()[0];
+  auto slot = bm->AddSlot(0, r.gpa, r.size, /*all_missing=*/false);
+  EXPECT_TRUE(slot.ok()) << slot.status();
+  h.pc->AttachKvmUserfault(bm.get());
+  return bm;
+}
+
+TEST_P(PostcopyMemoryTest, KvmUserfaultBitmapFollowsPageStates) {
+  Harness h(GetParam());
+  auto bm = AttachBitmap(h);
+  std::vector<char> kind(kPages, 'm');
+  for (uint64_t p = 0; p < kPages; p += 3) kind[p] = 'p';
+  for (uint64_t p = 1; p < kPages; p += 7) kind[p] = 'z';
+  ASSERT_TRUE(h.StartWith(kind).ok());
+  const uint64_t base = h.mem->regions()[0].gpa;
+  uint64_t missing = 0;
+  for (uint64_t p = 0; p < kPages; ++p) {
+    ASSERT_EQ(bm->Test(base + p * kPageSize), kind[p] != 'p') << "page " << p;
+    missing += kind[p] != 'p';
+  }
+  EXPECT_EQ(bm->CountMissing(), missing);
+  // Every install path clears the page's bit: push/demand answers, then settled zero pages.
+  for (uint64_t p = 0; p < kPages; ++p)
+    if (kind[p] == 'm') h.Answer(base + p * kPageSize);
+  for (uint64_t p = 0; p < kPages; ++p)
+    ASSERT_EQ(bm->Test(base + p * kPageSize), kind[p] == 'z') << "page " << p;
+  h.pc->SettleZeroPages();
+  EXPECT_EQ(bm->CountMissing(), 0u);
+  EXPECT_TRUE(h.pc->Finish().ok());
+}
+
+TEST_P(PostcopyMemoryTest, VcpuExitFetchesOnItsOwnLaneAndWaitsForThePage) {
+  Harness h(GetParam());
+  auto bm = AttachBitmap(h);
+  std::vector<char> kind(kPages, 'm');
+  kind[41] = 'z';
+  ASSERT_TRUE(h.StartWith(kind).ok());
+  const uint64_t base = h.mem->regions()[0].gpa;
+  h.StartFetcher();
+  // An unaligned 8-byte access straddling pages 20 and 21, as KVM may report it, on vCPU 2.
+  ASSERT_TRUE(h.pc->ResolveVcpuExit(2, base + 21 * kPageSize - 4, 8, [] { return false; }).ok());
+  EXPECT_FALSE(bm->Test(base + 20 * kPageSize));
+  EXPECT_FALSE(bm->Test(base + 21 * kPageSize));
+  EXPECT_EQ(h.mem->regions()[0].host[20 * kPageSize + 7], SourceByte(20, 7));
+  EXPECT_EQ(h.mem->regions()[0].host[21 * kPageSize + 3], SourceByte(21, 3));
+  EXPECT_EQ(h.fetches[20].load(), 1);
+  EXPECT_EQ(h.fetches[21].load(), 1);
+  // A known-zero page is resolved locally, nothing is fetched.
+  ASSERT_TRUE(h.pc->ResolveVcpuExit(1, base + 41 * kPageSize, 4, [] { return false; }).ok());
+  EXPECT_FALSE(bm->Test(base + 41 * kPageSize));
+  EXPECT_EQ(h.fetches[41].load(), 0);
+  h.StopFetcher();
+  // The requests went out on the faulting vCPU's lane.
+  PostcopyMemory::Stats st = h.pc->stats();
+  ASSERT_GE(st.lanes.size(), 3u);
+  EXPECT_EQ(st.lanes[2].faults, 2u);
+  EXPECT_EQ(st.lanes[0].faults + st.lanes[1].faults + st.vmm.faults, 0u);
+  // Outside guest RAM: an error (the vCPU stops), not a hang.
+  EXPECT_EQ(h.pc->ResolveVcpuExit(0, base + kRam + kPageSize, 4, [] { return false; }).code(),
+            absl::StatusCode::kOutOfRange);
+}
+
+TEST_P(PostcopyMemoryTest, VcpuExitWaitsThroughSuspensionAndNeverGetsZeros) {
+  // Source gone: the vCPU keeps waiting (no zero page, no error) until recovery brings the page;
+  // it gives up only when told to (the VM is stopping).
+  Harness h(GetParam());
+  auto bm = AttachBitmap(h);
+  ASSERT_TRUE(h.StartWith(std::vector<char>(kPages, 'm')).ok());
+  const uint64_t base = h.mem->regions()[0].gpa;
+  h.pc->Suspend();
+  std::atomic<bool> done{false};
+  absl::Status result;
+  std::thread vcpu([&] {
+    result = h.pc->ResolveVcpuExit(1, base + 7 * kPageSize, 4, [] { return false; },
+                                   absl::Milliseconds(5));
+    done = true;
+  });
+  // Many poll periods pass while suspended: still waiting, nothing requested.
+  for (int i = 0; i < 40 && !done; ++i) usleep(5000);
+  EXPECT_FALSE(done.load()) << result;
+  EXPECT_EQ(h.PendingRequests(), 0u);
+  h.pc->Refetch();  // recovery: re-requests in-flight pages on the lane that faulted them
+  ASSERT_TRUE(h.WaitForRequest());
+  auto reqs = h.TakeRequests();
+  ASSERT_EQ(reqs.size(), 1u);
+  EXPECT_EQ(reqs[0].first, 1);
+  EXPECT_EQ(reqs[0].second, base + 7 * kPageSize);
+  h.Answer(reqs[0].second);
+  vcpu.join();
+  EXPECT_TRUE(result.ok()) << result;
+  EXPECT_EQ(h.mem->regions()[0].host[7 * kPageSize], SourceByte(7, 0));
+  EXPECT_FALSE(bm->Test(base + 7 * kPageSize));
+
+  // A stop request ends the wait with CANCELLED and leaves the page missing.
+  h.pc->Suspend();
+  std::atomic<bool> stop{false};
+  std::thread vcpu2([&] {
+    result = h.pc->ResolveVcpuExit(0, base + 9 * kPageSize, 4, [&] { return stop.load(); },
+                                   absl::Milliseconds(5));
+  });
+  stop = true;
+  vcpu2.join();
+  EXPECT_EQ(result.code(), absl::StatusCode::kCancelled) << result;
+  EXPECT_TRUE(bm->Test(base + 9 * kPageSize));
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, PostcopyMemoryTest,
                          ::testing::Values(Mode::kMinor, Mode::kMissing),
                          [](const auto& info) {
