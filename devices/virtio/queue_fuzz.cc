@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "devices/virtio/queue.h"
+#include "vmm/base/fuzz_main.h"
 #include "vmm/base/log.h"
 #include "vmm/memory/guest_memory.h"
 
@@ -300,31 +301,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 
 #ifndef MVMM_LIBFUZZER
 int main(int argc, char** argv) {
-  std::vector<std::filesystem::path> files;
-  for (int i = 1; i < argc; ++i) {
-    std::filesystem::path p(argv[i]);
-    if (std::filesystem::is_directory(p)) {
-      for (const auto& e : std::filesystem::recursive_directory_iterator(p))
-        if (e.is_regular_file()) files.push_back(e.path());
-    } else {
-      files.push_back(p);
-    }
-  }
-  if (files.empty()) {
-    std::fprintf(stderr, "usage: %s FILE_OR_DIR...  (runs each input once)\n", argv[0]);
-    return 2;
-  }
-  for (const auto& f : files) {
-    std::ifstream in(f, std::ios::binary);
-    if (!in) {
-      std::fprintf(stderr, "queue_fuzz: cannot read %s\n", f.c_str());
-      return 1;
-    }
-    std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                               std::istreambuf_iterator<char>());
-    LLVMFuzzerTestOneInput(bytes.data(), bytes.size());
-  }
-  std::printf("queue_fuzz: %zu inputs ran cleanly\n", files.size());
-  return 0;
+  return microvmm::RunFuzzInputs(argc, argv, "queue_fuzz", LLVMFuzzerTestOneInput);
 }
 #endif
