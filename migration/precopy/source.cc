@@ -558,10 +558,12 @@ absl::Status MigrationSource::Session::Run() {
     if (Cancelled()) return absl::CancelledError("migration cancelled");
     if (o_->postcopy_requested_.load()) return RunPostcopy(*control, true, iteration, dirty);
     fresh.ClearAll();
-    if (absl::Status s = tracker.Sync(fresh); !s.ok()) return s;
+    DirtySyncStats sync_stats;
+    if (absl::Status s = tracker.Sync(fresh, &sync_stats); !s.ok()) return s;
     if (hints_) hints_->ClearDirty(fresh);  // written since their hint: send them
     dirty.Or(fresh);
     absl::Time now = absl::Now();
+    const absl::Time prev_sync = last_sync;
     uint64_t remaining = dirty.Count();
     uint64_t dirty_rate =
         iteration == 0 ? 0 : static_cast<uint64_t>(remaining / std::max(1e-6, absl::ToDoubleSeconds(now - last_sync)));
@@ -576,6 +578,10 @@ absl::Status MigrationSource::Session::Run() {
       m.set_elapsed_ms(absl::ToInt64Milliseconds(now - start_));
       m.set_remaining_bytes(remaining * kPageSize);
       m.set_dirty_bytes_per_s(dirty_rate * kPageSize);
+      // Per vCPU where the dirty ring tells who wrote (bitmap mode: none).
+      for (const VcpuDirtyCount& c : sync_stats.per_vcpu)
+        m.add_vcpu_dirty_bytes_per_s(static_cast<uint64_t>(
+            c.pages * kPageSize / std::max(1e-3, absl::ToDoubleSeconds(now - prev_sync))));
       m.set_bandwidth_bytes_per_s(effective_bandwidth);
       m.set_downtime_limit_ms(absl::ToInt64Milliseconds(opt.downtime_limit));
       m.set_expected_downtime_ms(expected == absl::InfiniteDuration()
