@@ -408,7 +408,13 @@ bool MigrationPolicy::TryTune(PolicyStep step, std::string* why_not) {
       // A throttle step must lower the dirty rate (it does not when devices, not vCPUs, dirty).
       const double drop = -RelChange(rung_.metric_at_action, m.dirty_bytes_per_s());
       const uint32_t pct = settings_.throttle_percent();
-      if (drop < min_effect) {
+      // When the guest re-dirties its whole working set every pass, the measured dirty rate is
+      // the working set over the pass time, i.e. about the bandwidth, whatever the throttle
+      // does: the effect cannot be seen, so keep stepping (as long as it does not converge).
+      const double bw = static_cast<double>(m.bandwidth_bytes_per_s());
+      const bool saturated =
+          bw > 0 && std::abs(static_cast<double>(m.dirty_bytes_per_s()) - bw) <= 0.1 * bw;
+      if (drop < min_effect && !saturated) {
         *why_not = absl::StrFormat(
             "dirty rate %s -> %s (%+.0f%%) after the last step, under the %.0f%% drop needed",
             Rate(rung_.metric_at_action), Rate(m.dirty_bytes_per_s()),
@@ -423,10 +429,16 @@ bool MigrationPolicy::TryTune(PolicyStep step, std::string* why_not) {
           std::min(pct + config_.throttle_step_percent(), config_.throttle_max_percent());
       settings_.set_throttle_percent(next);
       Emit(step, PolicyDecision::TUNE,
-           absl::StrFormat("throttle %d%% -> %d%%: dirty rate %s -> %s (-%.0f%%) after the "
-                           "last step",
-                           pct, next, Rate(rung_.metric_at_action), Rate(m.dirty_bytes_per_s()),
-                           drop * 100));
+           drop < min_effect
+               ? absl::StrFormat("throttle %d%% -> %d%%: dirty rate %s pinned at the bandwidth "
+                                 "%s (the whole working set is dirty each pass), effect not "
+                                 "measurable",
+                                 pct, next, Rate(m.dirty_bytes_per_s()),
+                                 Rate(m.bandwidth_bytes_per_s()))
+               : absl::StrFormat("throttle %d%% -> %d%%: dirty rate %s -> %s (-%.0f%%) after the "
+                                 "last step",
+                                 pct, next, Rate(rung_.metric_at_action),
+                                 Rate(m.dirty_bytes_per_s()), drop * 100));
       rung_.metric_at_action = m.dirty_bytes_per_s();
       return true;
     }

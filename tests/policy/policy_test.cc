@@ -286,6 +286,22 @@ TEST(PolicyTest, DeltaDisabledWhenHitRateStaysPoor) {
   EXPECT_FALSE(p->settings().delta());
 }
 
+TEST(PolicyTest, ThrottleKeepsSteppingWhenTheDirtyRateIsPinnedAtTheBandwidth) {
+  // A guest that re-dirties its whole working set each pass: the measured dirty rate is the
+  // working set over the pass time = the bandwidth, whatever the throttle does. The throttle
+  // then keeps stepping up to its cap (it cannot be judged by a drop that cannot show).
+  PolicyConfig c;
+  c.add_ladder(STEP_THROTTLE);
+  auto p = NewPolicy(c);
+  Replay r = Play(*p, std::vector<Row>(24, {512, 100, 100}));
+  const std::vector<std::string> steps = Steps(r.decisions);
+  ASSERT_GE(steps.size(), 3u);
+  EXPECT_EQ(steps[0], "THROTTLE ENABLE");
+  EXPECT_EQ(steps[1], "THROTTLE TUNE");
+  EXPECT_THAT(r.decisions[1].reason(), HasSubstr("effect not measurable"));
+  EXPECT_EQ(p->settings().throttle_percent(), 80u) << "stepped to the cap";
+}
+
 TEST(PolicyTest, ThrottleReleasedOnConvergenceAndReappliedWhenLost) {
   PolicyConfig c;
   c.add_ladder(STEP_THROTTLE);
