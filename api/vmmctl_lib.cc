@@ -89,7 +89,7 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
               {"--vcpus", true},      {"--memory", true},         {"--serial", true},
               {"--test-guest", true}, {"--test-guest-args", true}, {"--rng", false},
               {"--disk", true},       {"--net", true},            {"--balloon", true},
-              {"--vsock", true}};
+              {"--vsock", true},      {"--vfio-user", true}};
     case Command::kInfo:
     case Command::kMigrateStatus:
       return {{"--json", false}};
@@ -488,6 +488,10 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       } else {
         *options.config.mutable_vsock() = *v;
       }
+    } else if (name == "--vfio-user") {
+      absl::StatusOr<VfioUserConfig> v = ParseVfioUserSpec(*value);
+      if (!v.ok()) return UsageError(std::string(v.status().message()));
+      *options.config.add_vfio_user() = *v;
     } else if (name == "--no-wait") {
       options.no_wait = true;
     }
@@ -598,6 +602,7 @@ CreateVmRequest BuildCreateVmRequest(const VmConfig& config, absl::string_view c
   }
   for (DiskConfig& d : *c->mutable_disks()) d.set_path(Absolute(d.path(), cwd));
   if (c->has_vsock()) c->mutable_vsock()->set_uds_path(Absolute(c->vsock().uds_path(), cwd));
+  for (VfioUserConfig& v : *c->mutable_vfio_user()) v.set_socket(Absolute(v.socket(), cwd));
   return request;
 }
 
@@ -790,7 +795,14 @@ std::string FormatVmInfo(const VmInfo& info) {
   absl::StrAppendFormat(&out, "serial:      %s\n", SerialText(c.serial()));
   if (!info.migration_note().empty())
     absl::StrAppendFormat(&out, "migration:   %s\n", info.migration_note());
+  int vfio_user = 0;
   for (const DeviceStatus& d : info.devices()) {
+    if (d.kind() == "vfio-user") {  // not virtio: no status register or kicks
+      const int i = vfio_user++;
+      absl::StrAppendFormat(&out, "device:      vfio-user at %s (%s)\n", d.pci_address(),
+                            i < c.vfio_user_size() ? c.vfio_user(i).socket() : "?");
+      continue;
+    }
     absl::StrAppendFormat(&out, "device:      virtio-%s at %s, status 0x%02x, kicks %u (%u trapped)\n",
                           d.kind(), d.pci_address(), d.device_status(),
                           d.kicks_ioeventfd() + d.kicks_trapped(), d.kicks_trapped());

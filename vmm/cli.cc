@@ -120,7 +120,7 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
                                    "--api-socket", "--log-level", "--incoming",
                                    "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca",
-                                   "--disk", "--net", "--balloon", "--vsock"};
+                                   "--disk", "--net", "--balloon", "--vsock", "--vfio-user"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -181,6 +181,10 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
       auto v = ParseVsockSpec(value);
       if (!v.ok()) return v.status();
       *o.config.mutable_vsock() = *v;
+    } else if (flag == "--vfio-user") {
+      auto v = ParseVfioUserSpec(value);
+      if (!v.ok()) return v.status();
+      *o.config.add_vfio_user() = *v;
     } else if (flag == "--prefill") {
       o.config.set_prefill(value);
     } else if (flag == "--tls-cert") {
@@ -204,6 +208,9 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     if (o.has_vm)
       return absl::InvalidArgumentError(
           "--incoming receives the guest from a migration: do not give --kernel/--test-guest");
+    if (o.config.vfio_user_size() > 0)
+      return absl::InvalidArgumentError(
+          "--incoming: VMs with a vfio-user device cannot be migrated yet (no --vfio-user here)");
     if (o.config.rng() || o.config.has_balloon())
       return absl::InvalidArgumentError(
           "--incoming: --rng/--balloon come from the migrating VM's configuration; give only "

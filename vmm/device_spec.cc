@@ -204,6 +204,15 @@ absl::StatusOr<VsockConfig> ParseVsockSpec(const std::string& spec) {
   return v;
 }
 
+absl::StatusOr<VfioUserConfig> ParseVfioUserSpec(const std::string& spec) {
+  // A socket path may contain ',' or '=': a value without "socket=" is taken whole.
+  VfioUserConfig v;
+  v.set_socket(spec.rfind("socket=", 0) == 0 ? spec.substr(7) : spec);
+  if (v.socket().empty())
+    return absl::InvalidArgumentError("bad --vfio-user '" + spec + "': needs a socket path");
+  return v;
+}
+
 const char* DeviceFlagsHelp() {
   return R"(Devices (virtio over PCI with MSI-X; each problem is reported before the guest boots):
   --rng                  virtio-rng (entropy from getrandom)
@@ -217,6 +226,9 @@ const char* DeviceFlagsHelp() {
                          given back to the host; hinting: free-page hints for live migration)
   --vsock SPEC           virtio-vsock: cid=N,uds=PATH (host side: connect to PATH and send
                          "CONNECT <port>\n"; guest connections to port P reach PATH_P)
+  --vfio-user SOCKET     a PCI function served by a vfio-user device server listening on the
+                         unix socket SOCKET (BARs trapped, MSI-X via KVM, DMA to guest RAM);
+                         repeatable. VMs with one cannot be live-migrated yet
 
 )";
 }

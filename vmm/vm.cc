@@ -16,8 +16,11 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
+#include "devices/vfio/pci/vfio_pci_device.h"
+#include "devices/vfio/user/client.h"
 #include "devices/virtio/pci_transport.h"
 #include "devices/virtio/balloon/balloon.h"
 #include "devices/virtio/blk/blk.h"
@@ -272,6 +275,8 @@ class VmImpl : public Vm {
  private:
   absl::Status SetupDevices();
   absl::Status SetupVirtioDevices();
+  // vfio-user PCI functions (config_.vfio_user), after the virtio devices on the bus.
+  absl::Status SetupVfioUserDevices();
   // Puts `dev` on the PCI bus behind a virtio-pci transport with one MSI-X vector per queue
   // plus one for configuration changes.
   absl::Status AddVirtio(const std::string& kind, std::unique_ptr<virtio::VirtioDevice> dev);
@@ -307,6 +312,12 @@ class VmImpl : public Vm {
     uint8_t pci_slot = 0;
   };
   std::vector<VirtioSlot> virtio_;  // declared before pci_: outlive their transports
+  struct VfioUserSlot {
+    std::string socket;
+    std::shared_ptr<vfio::VfioPciDevice> device;  // shared with pci_
+    uint8_t pci_slot = 0;
+  };
+  std::vector<VfioUserSlot> vfio_user_;  // DMA-mapped into mem_ until destroyed (Detach)
   virtio::VirtioBalloon* balloon_ = nullptr;  // in virtio_, if configured
   std::unique_ptr<pci::PciRootBus> pci_;
   // The buses hold shared_ptrs to devices (and PCI window dispatchers): declared after everything
@@ -464,6 +475,7 @@ absl::Status VmImpl::SetupDevices() {
   pci_ = std::make_unique<pci::PciRootBus>(*windows);
   pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
   if (absl::Status s = SetupVirtioDevices(); !s.ok()) return s;
+  if (absl::Status s = SetupVfioUserDevices(); !s.ok()) return s;
   if (absl::Status s = pci_->Attach(pio_, mmio_); !s.ok()) return s;
   for (VirtioSlot& v : virtio_)
     if (absl::Status s = v.pci->EnableIoEventFds(&*vm_, loop_.get()); !s.ok()) return s;
@@ -511,6 +523,12 @@ std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
     d.set_device_status(v.pci->device_status());
     d.set_kicks_ioeventfd(v.pci->kicks_ioeventfd());
     d.set_kicks_trapped(v.pci->kicks_trapped());
+    out.push_back(std::move(d));
+  }
+  for (const VfioUserSlot& v : vfio_user_) {
+    DeviceStatus d;
+    d.set_kind("vfio-user");
+    d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
     out.push_back(std::move(d));
   }
   return out;
@@ -618,6 +636,41 @@ absl::Status VmImpl::SetupVirtioDevices() {
     if (!dev.ok())
       return dev.status();
     if (absl::Status s = AddVirtio("vsock", std::move(*dev)); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status VmImpl::SetupVfioUserDevices() {
+  for (int i = 0; i < config_.vfio_user_size(); ++i) {
+    const std::string& socket = config_.vfio_user(i).socket();
+    // The client prefixes its errors with its name "vfio-user:SOCKET: ": we say it once.
+    auto fail = [&](const absl::Status& s, absl::string_view what = "") {
+      absl::string_view msg = s.message();
+      absl::ConsumePrefix(&msg, absl::StrCat("vfio-user:", socket, ": "));
+      return absl::Status(s.code(), absl::StrFormat("vfio-user device %d (%s): %s%s", i, socket,
+                                                    what, msg));
+    };
+    auto dev = vfio_user::VfioUserDevice::Connect(socket);
+    if (!dev.ok()) {
+      // A peer that accepts but does not speak vfio-user fails the version handshake with no
+      // reply (timeout) or a malformed one: say what that most likely means.
+      if (absl::IsDeadlineExceeded(dev.status()) || absl::IsDataLoss(dev.status()))
+        return fail(dev.status(), "not a vfio-user server (version handshake failed): ");
+      return fail(dev.status());
+    }
+    // No BarMapper: every BAR access traps (simple, and correct for any server). No INTx:
+    // the device interrupts through MSI-X (KVM irqfds from the GsiRouter).
+    vfio::VfioPciOptions o;
+    o.gsi_router = gsi_router_.get();
+    auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
+    if (!pci.ok()) return fail(pci.status());
+    // iova = gpa over all guest RAM. Writes by the server into guest RAM bypass the VMM's dirty
+    // tracking: migration of such a VM is refused (MigrationSource::Start).
+    if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+    auto at = pci_->AddDevice(*pci);
+    if (!at.ok()) return fail(at.status());
+    vfio_user_.push_back({socket, std::move(*pci), *at});
+    LOG_INFO("vfio-user device %d (%s) at 0000:00:%02x.0", i, socket, *at);
   }
   return absl::OkStatus();
 }
@@ -1044,6 +1097,19 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
   if (c.has_balloon())
     if (absl::Status s = CheckBalloonTarget(c.balloon().target_mib(), c.memory_mib()); !s.ok())
       return s;
+  std::set<std::string> vfio_sockets;
+  for (int i = 0; i < c.vfio_user_size(); ++i) {
+    const std::string& sock = c.vfio_user(i).socket();
+    if (sock.empty())
+      return absl::InvalidArgumentError(absl::StrCat("vfio-user device ", i, ": no socket path"));
+    // One client per server connection: the same server twice would be one device seen twice.
+    char* real = ::realpath(sock.c_str(), nullptr);
+    std::string key = real != nullptr ? real : sock;
+    ::free(real);
+    if (!vfio_sockets.insert(key).second)
+      return absl::InvalidArgumentError(absl::StrCat(
+          "vfio-user device ", i, ": socket '", sock, "' is already used by another vfio-user device"));
+  }
   if (c.has_vsock()) {
     // CIDs 0-2 are reserved (hypervisor, local, host); 2^32-1 is VMADDR_CID_ANY.
     if (c.vsock().guest_cid() < 3 || c.vsock().guest_cid() == 0xffffffffu)

@@ -98,7 +98,8 @@ class Vm {
   virtual void SetMigrationNote(const std::string& note) = 0;
   virtual std::string migration_note() const = 0;
 
-  // Virtio devices on the PCI bus, in configuration order.
+  // Devices on the PCI bus: virtio ones in configuration order, then vfio-user functions
+  // (kind "vfio-user", no virtio status/kicks) in configuration order.
   virtual std::vector<DeviceStatus> DeviceStatuses() const = 0;
   // virtio-balloon. FailedPrecondition if the VM has none; InvalidArgument for a target not
   // below guest RAM.
