@@ -78,6 +78,17 @@ TEST(DeviceSpecTest, Vsock) {
   EXPECT_FALSE(ParseVsockSpec("cid=x,uds=/x").ok());
 }
 
+TEST(DeviceSpecTest, VfioUser) {
+  auto a = ParseVfioUserSpec("/run/dev.sock");
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->socket(), "/run/dev.sock");
+  auto b = ParseVfioUserSpec("socket=/run/dev.sock");
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_EQ(b->socket(), "/run/dev.sock");
+  EXPECT_FALSE(ParseVfioUserSpec("").ok());
+  EXPECT_FALSE(ParseVfioUserSpec("socket=").ok());
+}
+
 TEST(DeviceSpecTest, SizeMib) {
   EXPECT_EQ(*ParseSizeMib("512", "--x"), 512u);
   EXPECT_EQ(*ParseSizeMib("2G", "--x"), 2048u);
