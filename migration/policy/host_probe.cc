@@ -48,22 +48,6 @@ absl::StatusOr<ProcStatCpu> ParseProcStat(const std::string& text) {
   return out;
 }
 
-absl::StatusOr<uint64_t> ParseMemAvailable(const std::string& meminfo) {
-  for (absl::string_view line : absl::StrSplit(meminfo, '\n')) {
-    if (!absl::ConsumePrefix(&line, "MemAvailable:")) continue;
-    line = absl::StripAsciiWhitespace(line);
-    if (!absl::ConsumeSuffix(&line, "kB")) {
-      return absl::InvalidArgumentError("/proc/meminfo: MemAvailable without kB");
-    }
-    uint64_t kb = 0;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(line), &kb) || kb > (UINT64_MAX >> 10)) {
-      return absl::InvalidArgumentError("/proc/meminfo: bad MemAvailable");
-    }
-    return kb * 1024;
-  }
-  return absl::NotFoundError("/proc/meminfo: no MemAvailable");
-}
-
 absl::StatusOr<double> HostProbe::IdleCores() {
   absl::StatusOr<std::string> text = reader_("/proc/stat");
   if (!text.ok()) return text.status();

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/status/statusor.h"
+#include "vmm/base/meminfo.h"
 
 namespace microvmm::migration {
 
@@ -42,7 +43,6 @@ class HostProbe {
   double last_idle_cores_ = 0;
 };
 
-absl::StatusOr<uint64_t> ParseMemAvailable(const std::string& meminfo);
 
 }  // namespace microvmm::migration
 

@@ -36,6 +36,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "vmm/base/meminfo.h"
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 
@@ -46,9 +47,6 @@ using MeminfoReader = std::function<absl::StatusOr<std::string>()>;
 
 absl::StatusOr<std::string> ReadProcMeminfo();
 
-// Bytes of "MemAvailable:  <n> kB" in meminfo text. INVALID_ARGUMENT when the line is missing,
-// duplicated, not a decimal number, not in kB, or overflows.
-absl::StatusOr<uint64_t> ParseMemAvailable(absl::string_view meminfo);
 
 struct DeltaCacheOptions {
   uint64_t requested_bytes = 256ULL << 20;

@@ -72,7 +72,7 @@ TEST(HostProbeTest, FreeMemory) {
   ASSERT_TRUE(free.ok()) << free.status();
   EXPECT_EQ(*free, 20000000ull * 1024);
 
-  EXPECT_EQ(ParseMemAvailable("MemTotal: 1 kB\n").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_FALSE(ParseMemAvailable("MemTotal: 1 kB\n").ok());
   EXPECT_FALSE(ParseMemAvailable("MemAvailable: 12\n").ok());
   EXPECT_FALSE(ParseMemAvailable("MemAvailable: abc kB\n").ok());
 }
