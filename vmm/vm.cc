@@ -523,6 +523,13 @@ std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
     d.set_device_status(v.pci->device_status());
     d.set_kicks_ioeventfd(v.pci->kicks_ioeventfd());
     d.set_kicks_trapped(v.pci->kicks_trapped());
+    if (v.kind == "blk") {
+      const virtio::BlockStats st = static_cast<virtio::VirtioBlock*>(v.device.get())->stats();
+      d.set_io_bytes(st.bytes_read + st.bytes_written);
+    } else if (v.kind == "net") {
+      const virtio::NetStats st = static_cast<virtio::VirtioNet*>(v.device.get())->stats();
+      d.set_io_bytes(st.rx_bytes + st.tx_bytes);
+    }
     out.push_back(std::move(d));
   }
   for (const VfioUserSlot& v : vfio_user_) {

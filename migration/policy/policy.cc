@@ -277,8 +277,16 @@ std::vector<PolicyDecision> MigrationPolicy::Observe(const IterationMetrics& met
   MaybeReleaseThrottle();
   MaybeDisableDelta();
   // "Not converging for the window", and the previous action has had time to show its effect.
-  if (nonconverging_streak_ >= config_.window() &&
-      observations_ - last_action_ >= config_.settle_iterations()) {
+  // A throttle whose effect cannot show (dirty rate pinned at the bandwidth: the whole working
+  // set is dirty each pass) has nothing to wait for: it steps every pass, as long as the
+  // migration does not converge.
+  const bool pinned_throttle =
+      rung_index_ < size_t(config_.ladder_size()) &&
+      config_.ladder(rung_index_) == STEP_THROTTLE && rung_.active && !rung_.done &&
+      DirtyRatePinned(current_);
+  if ((nonconverging_streak_ >= config_.window() &&
+       observations_ - last_action_ >= config_.settle_iterations()) ||
+      (pinned_throttle && !converging)) {
     Climb();
   }
   out_ = nullptr;
@@ -320,6 +328,14 @@ void MigrationPolicy::MaybeDisableDelta() {
        absl::StrFormat("delta hit rate %.0f%% < %.0f%% after %d iterations: cache not worth it",
                        hit * 100, config_.min_delta_hit_rate() * 100,
                        observations_ - delta_enabled_at_));
+}
+
+// The measured dirty rate is pages dirtied since the last sync over the time since; when the
+// guest re-dirties its whole working set every pass it equals working set / pass time, i.e. the
+// bandwidth, whatever the guest's real rate (or a throttle) is.
+bool MigrationPolicy::DirtyRatePinned(const IterationMetrics& m) {
+  const double bw = static_cast<double>(m.bandwidth_bytes_per_s());
+  return bw > 0 && std::abs(static_cast<double>(m.dirty_bytes_per_s()) - bw) <= 0.1 * bw;
 }
 
 void MigrationPolicy::Climb() {
@@ -411,9 +427,7 @@ bool MigrationPolicy::TryTune(PolicyStep step, std::string* why_not) {
       // When the guest re-dirties its whole working set every pass, the measured dirty rate is
       // the working set over the pass time, i.e. about the bandwidth, whatever the throttle
       // does: the effect cannot be seen, so keep stepping (as long as it does not converge).
-      const double bw = static_cast<double>(m.bandwidth_bytes_per_s());
-      const bool saturated =
-          bw > 0 && std::abs(static_cast<double>(m.dirty_bytes_per_s()) - bw) <= 0.1 * bw;
+      const bool saturated = DirtyRatePinned(m);
       if (drop < min_effect && !saturated) {
         *why_not = absl::StrFormat(
             "dirty rate %s -> %s (%+.0f%%) after the last step, under the %.0f%% drop needed",

@@ -108,6 +108,7 @@ class MigrationPolicy {
   void MaybeReleaseThrottle();
   void MaybeDisableDelta();
   void Climb();
+  static bool DirtyRatePinned(const IterationMetrics& m);
   // Tries to tune the current (active) rung; false if it is exhausted (reason appended).
   bool TryTune(PolicyStep step, std::string* why_not);
   // Tries to engage `step`; false if its precondition fails (reason in *why_not).

@@ -553,6 +553,8 @@ absl::Status MigrationSource::Session::Run() {
   absl::Time last_sync = absl::Now();
   uint64_t bandwidth = 0;
   uint64_t effective_bandwidth = 0;  // guest-page bytes/s before encoding (compression shows)
+  uint64_t last_io_bytes = 0;        // guest disk + network bytes at the previous pass
+  for (const DeviceStatus& d : vm_->DeviceStatuses()) last_io_bytes += d.io_bytes();
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_PRECOPY); });
   for (;;) {
     if (Cancelled()) return absl::CancelledError("migration cancelled");
@@ -584,6 +586,12 @@ absl::Status MigrationSource::Session::Run() {
             c.pages * kPageSize / std::max(1e-3, absl::ToDoubleSeconds(now - prev_sync))));
       m.set_bandwidth_bytes_per_s(effective_bandwidth);
       m.set_downtime_limit_ms(absl::ToInt64Milliseconds(opt.downtime_limit));
+      uint64_t io = 0;  // guest disk + network bytes so far
+      for (const DeviceStatus& d : vm_->DeviceStatuses()) io += d.io_bytes();
+      if (io >= last_io_bytes)
+        m.set_guest_io_bytes_per_s(static_cast<uint64_t>(
+            (io - last_io_bytes) / std::max(1e-3, absl::ToDoubleSeconds(now - prev_sync))));
+      last_io_bytes = io;
       m.set_expected_downtime_ms(expected == absl::InfiniteDuration()
                                      ? UINT32_MAX
                                      : absl::ToInt64Milliseconds(expected));

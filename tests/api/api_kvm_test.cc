@@ -1,6 +1,9 @@
 // The control API driving a real VM (needs /dev/kvm): the full life cycle
 // CreateVm -> Boot -> Pause -> Resume -> Shutdown, state preconditions, double CreateVm, and an
 // ApiServer given an already created VM (the `vmm --test-guest ... --api-socket ...` case).
+#include <stdlib.h>
+#include <unistd.h>
+
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -160,6 +163,39 @@ TEST(ApiKvmTest, GuestExitStatusReachesExitCallback) {
   EXPECT_EQ(h.WaitForExitCallback(), 4);
   ASSERT_TRUE(h.GetInfo(&info).ok());
   EXPECT_EQ(info.exit_status(), 4);  // Shutdown did not overwrite the guest's exit
+}
+
+// GetInfo reports each disk's guest I/O (the adaptive migration policy reads it as the guest's
+// I/O rate): the virtioblk guest reads, writes and reads back one sector.
+TEST(ApiKvmTest, DiskIoBytesAreReported) {
+  SKIP_WITHOUT_KVM();
+  char path[] = "/tmp/mvmm-iobytes-XXXXXX";
+  int fd = mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 1 << 20), 0);
+  close(fd);
+  ApiHarness h;
+  VmConfig config;
+  config.set_vcpus(1);
+  config.set_memory_mib(64);
+  config.set_test_guest("virtioblk");
+  config.set_test_guest_args("write=3:5a");
+  config.add_disks()->set_path(path);
+  config.mutable_serial()->set_mode(SerialConfig::NONE);
+  ASSERT_TRUE(h.CreateVm(config).ok());
+  ASSERT_TRUE(h.Boot().ok());
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (absl::Now() < deadline && h.State() != EXITED) absl::SleepFor(absl::Milliseconds(10));
+  VmInfo info;
+  ASSERT_TRUE(h.GetInfo(&info).ok());
+  unlink(path);
+  ASSERT_EQ(info.state(), EXITED);
+  EXPECT_EQ(info.exit_status(), 0) << info.exit_reason();
+  ASSERT_EQ(info.devices_size(), 1);
+  EXPECT_EQ(info.devices(0).kind(), "blk");
+  // Pre-write read + write + read-back of 512-byte sectors (GET_ID adds up to 20).
+  EXPECT_GE(info.devices(0).io_bytes(), 3u * 512);
+  EXPECT_LE(info.devices(0).io_bytes(), 3u * 512 + 64);
 }
 
 // The virtiorng guest's queue kicks (16-bit writes to the notify register) reach the device

@@ -300,6 +300,14 @@ TEST(PolicyTest, ThrottleKeepsSteppingWhenTheDirtyRateIsPinnedAtTheBandwidth) {
   EXPECT_EQ(steps[1], "THROTTLE TUNE");
   EXPECT_THAT(r.decisions[1].reason(), HasSubstr("effect not measurable"));
   EXPECT_EQ(p->settings().throttle_percent(), 80u) << "stepped to the cap";
+  // Nothing to wait for between steps: one step per pass (20 -> 80 % in 6 passes).
+  std::vector<uint32_t> tune_passes;
+  for (const auto& d : r.decisions)
+    if (d.step() == STEP_THROTTLE && d.action() == PolicyDecision::TUNE)
+      tune_passes.push_back(d.iteration());
+  ASSERT_EQ(tune_passes.size(), 6u);
+  for (size_t i = 1; i < tune_passes.size(); ++i)
+    EXPECT_EQ(tune_passes[i], tune_passes[i - 1] + 1);
 }
 
 TEST(PolicyTest, ThrottleReleasedOnConvergenceAndReappliedWhenLost) {
