@@ -257,7 +257,7 @@ const std::map<std::string, std::string>& FlagSamples() {
       {"--tls-cert", "/c"},        {"--tls-key", "/k"},     {"--tls-ca", "/a"},
       {"--incoming", "/run/in.sock"}, {"--rng", ""},  // "": a switch without a value
       {"--disk", "path=/d.img,ro"}, {"--net", "tap=tap0"}, {"--balloon", "target=64"},
-      {"--vsock", "cid=3,uds=/run/v.sock"},
+      {"--vsock", "cid=3,uds=/run/v.sock"}, {"--vfio-user", "/run/dev.sock"},
   };
   return *m;
 }
