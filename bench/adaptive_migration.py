@@ -707,15 +707,15 @@ def qemu_case(a, net, tmp, initrd, workload, auto_converge, target_mib_s):
 
 
 def summarize(cases):
-    """Ratios ours / QEMU auto-converge per workload, for the first of our adaptive cases
-    (full ladder first, then the --fallback-ladder ones) and of QEMU's (with --append there
-    may be several) that finished."""
+    """Ratios ours / QEMU auto-converge per workload, from the newest run: the last of our
+    adaptive cases that finished (with --append, earlier runs come first in `cases`; within a
+    run the full ladder precedes the --fallback-ladder ones) and the last QEMU case."""
     ratios = {}
     for w in WORKLOADS:
-        o = next((c for c in cases if c.get("vmm") == "ours" and c.get("adaptive")
+        o = next((c for c in reversed(cases) if c.get("vmm") == "ours" and c.get("adaptive")
                   and c.get("workload") == w and c.get("finished")), None)
         qs = [c for c in cases if c.get("case") == f"qemu-autoconverge-{w}"]
-        q = next((c for c in qs if c.get("finished")), qs[0] if qs else None)
+        q = next((c for c in reversed(qs) if c.get("finished")), qs[-1] if qs else None)
         r = {"both_finished": bool(o and q and q.get("finished")),
              "ours_case": o and o["case"], "qemu_case": q and q["case"]}
         if r["both_finished"]:
