@@ -53,14 +53,7 @@ constexpr uint64_t kRamBytes = 2ULL << 20;
 constexpr size_t kImageMax = 256 * 1024;
 constexpr uint64_t kMaxCopy = 64 * 1024;  // per chain and direction
 
-#define FUZZ_CHECK(cond)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "queue_fuzz: invariant failed at %s:%d: %s\n", __FILE__,   \
-                   __LINE__, #cond);                                                  \
-      std::abort();                                                                   \
-    }                                                                                 \
-  } while (0)
+#define FUZZ_CHECK(cond) MVMM_FUZZ_CHECK("queue_fuzz", cond)
 
 GuestMemory& Ram() {
   static GuestMemory* mem = [] {

@@ -56,14 +56,7 @@ constexpr uint64_t kTarget = 0x10000;
 constexpr uint8_t kFill = 0xa5, kGuard = 0x3c;
 size_t accepted = 0, rejected = 0, encoded = 0;  // for the plain runner's summary
 
-#define FUZZ_CHECK(cond)                                                                  \
-  do {                                                                                    \
-    if (!(cond)) {                                                                        \
-      std::fprintf(stderr, "page_record_fuzz: invariant failed at %s:%d: %s\n", __FILE__, \
-                   __LINE__, #cond);                                                      \
-      std::abort();                                                                       \
-    }                                                                                     \
-  } while (0)
+#define FUZZ_CHECK(cond) MVMM_FUZZ_CHECK("page_record_fuzz", cond)
 
 GuestMemory& Ram() {
   static GuestMemory* mem = [] {

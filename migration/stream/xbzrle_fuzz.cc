@@ -42,14 +42,7 @@ using microvmm::migration::XbzrleValidate;
 constexpr size_t kGuard = 64;
 constexpr size_t kSizes[4] = {4096, 256, 17, 1};
 
-#define FUZZ_CHECK(cond)                                                              \
-  do {                                                                                \
-    if (!(cond)) {                                                                    \
-      std::fprintf(stderr, "xbzrle_fuzz: invariant failed at %s:%d: %s\n", __FILE__,  \
-                   __LINE__, #cond);                                                  \
-      std::abort();                                                                   \
-    }                                                                                 \
-  } while (0)
+#define FUZZ_CHECK(cond) MVMM_FUZZ_CHECK("xbzrle_fuzz", cond)
 
 bool GuardsIntact(const std::vector<uint8_t>& buf, size_t n) {
   for (size_t i = 0; i < kGuard; ++i) {

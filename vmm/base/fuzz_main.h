@@ -7,10 +7,23 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <vector>
+
+// An invariant of a fuzz target: on failure, name the target, file, line and condition, then
+// abort (libFuzzer records the input). Each target defines
+//   #define FUZZ_CHECK(cond) MVMM_FUZZ_CHECK("name", cond)
+#define MVMM_FUZZ_CHECK(name, cond)                                                        \
+  do {                                                                                     \
+    if (!(cond)) {                                                                         \
+      std::fprintf(stderr, "%s: invariant failed at %s:%d: %s\n", name, __FILE__, __LINE__, \
+                   #cond);                                                                 \
+      std::abort();                                                                        \
+    }                                                                                      \
+  } while (0)
 
 namespace microvmm {
 
