@@ -414,19 +414,9 @@ grpc::Status MigrationDestination::Demand(
     if (lane->stream == stream) lane->stream = nullptr;  // else a recovery reopened the lane
   }
   if (generation == generation_.load() && postcopy_ != nullptr && !postcopy_->complete()) {
-    absl::Status why = status.ok() ? absl::UnavailableError(absl::StrFormat(
-                                         "demand lane %d to the source was lost", lane_index))
-                                   : status;
-    {
-      // Before Go the guest does not run yet: the failure is applied once it does (below Go in
-      // RunPostcopy), so a lane broken early never leaves a running guest without its lane.
-      absl::MutexLock lock(&early_mu_);
-      if (!postcopy_running_.load()) {
-        if (early_failure_.ok()) early_failure_ = why;
-        why = absl::OkStatus();
-      }
-    }
-    if (!why.ok()) FailPostcopy(why);
+    FailPostcopy(status.ok() ? absl::UnavailableError(absl::StrFormat(
+                                   "demand lane %d to the source was lost", lane_index))
+                             : status);
   }
   return ToGrpcStatus(status);
 }
@@ -454,6 +444,15 @@ PostcopyStats MigrationDestination::PostcopyStatsNow() const {
 }
 
 void MigrationDestination::FailPostcopy(const absl::Status& why) {
+  {
+    // Before Go the guest does not run yet: the failure is applied once it does (below Go in
+    // RunPostcopy), so e.g. a lane broken early never leaves a running guest without its lane.
+    absl::MutexLock lock(&early_mu_);
+    if (!postcopy_running_.load()) {
+      if (early_failure_.ok()) early_failure_ = why;
+      return;
+    }
+  }
   if (postcopy_failed_.exchange(true)) return;
   postcopy_->Suspend();
   std::string note = absl::StrCat(
@@ -557,7 +556,7 @@ absl::Status MigrationDestination::RunPostcopy(
     }
     Finish(std::move(running));  // the VMM adopts the running VM now
   }
-  if (!early.ok()) FailPostcopy(early);  // a demand lane broke before Go
+  if (!early.ok()) FailPostcopy(early);  // something failed before Go
   ServePostcopy(stream, precopy_streams_);
   return absl::OkStatus();  // a failure is reported on the VM (which was handed over)
 }

@@ -49,8 +49,9 @@ class MigrationDestination final : public Migration::Service {
                            const StartPostcopy& sp, Vm* vm);
   // PostcopyMemory's FetchFn: queues a request on `lane`'s demand stream.
   void FetchOnLane(int lane, uint64_t gpa);
-  // After Go: the source or a lane went away before every page arrived. The guest is paused,
-  // waiting threads stay blocked (no page is zero-filled); the VM carries a note for the API.
+  // The source or a lane went away before every page arrived (before Go: recorded, applied once
+  // the guest runs). The guest is paused, waiting threads stay blocked (no page is zero-filled);
+  // the VM carries a note for the API.
   void FailPostcopy(const absl::Status& why);
   PostcopyStats PostcopyStatsNow() const;
   // After Go (or a recovery's Go): stats reporter, PostcopyComplete for push streams
@@ -94,8 +95,8 @@ class MigrationDestination final : public Migration::Service {
   std::unique_ptr<KvmUserfaultBitmap> kvm_userfault_;
   std::unique_ptr<PostcopyMemory> postcopy_;  // set before any push stream or lane answer
   std::atomic<bool> postcopy_running_{false};  // between Go and PostcopyDone
-  absl::Mutex early_mu_;        // orders a lane failure against Go
-  absl::Status early_failure_;  // a demand lane failed before Go (guarded by early_mu_)
+  absl::Mutex early_mu_;        // orders FailPostcopy against Go
+  absl::Status early_failure_;  // FailPostcopy before Go, applied after it (guarded by early_mu_)
   std::atomic<bool> postcopy_failed_{false};
   Vm* postcopy_vm_ = nullptr;  // owned by whoever took it from done_ (outlives this service)
   // Recovery. A generation counts connection sets: handlers of an older one (still winding down
