@@ -48,9 +48,11 @@ absl::StatusOr<uint64_t> PageEncoder::Encode(
     GuestMemory& mem, std::span<const uint64_t> gpas, const std::function<bool(uint64_t)>& hole,
     bool first_pass, google::protobuf::RepeatedPtrField<PageRecord>* out) {
   uint64_t wire = 0;
-  // Snapshot of each page (delta needs one; the compressor copies again, which is cheap next to
-  // compressing). Pages that go in full are handed to the compressor together.
-  std::vector<uint8_t> buf(gpas.size() * kPageSize);
+  // With delta on, each page is snapshotted first: the delta, the cached copy and the bytes sent
+  // must be the same version while the guest keeps writing. Without delta the compressor (or
+  // EncodePage) reads the guest page itself, as the fixed configuration does. Pages that go in
+  // full are handed to the compressor together.
+  std::vector<uint8_t> buf(delta_ != nullptr ? gpas.size() * kPageSize : 0);
   std::vector<PageCompressor::Page> full;
   std::string delta;
   // A delta must beat what the page would cost otherwise: about half a page compressed.
@@ -64,8 +66,12 @@ absl::StatusOr<uint64_t> PageEncoder::Encode(
     }
     auto host = mem.HostPtr(gpa, kPageSize);
     if (!host.ok()) return host.status();
-    uint8_t* page = buf.data() + i * kPageSize;
-    std::memcpy(page, *host, kPageSize);
+    const uint8_t* page = *host;
+    if (delta_ != nullptr) {
+      uint8_t* copy = buf.data() + i * kPageSize;
+      std::memcpy(copy, *host, kPageSize);
+      page = copy;
+    }
     if (IsZeroPage(page)) {
       if (delta_) delta_->Invalidate(gpa);
       wire += EncodeZeroPage(gpa, out->Add());
