@@ -376,6 +376,25 @@ def trend_words(iters, key="remaining_mib"):
 # Our VMM.
 
 
+def end_case(a, case, d, procs):
+    """A case's teardown: its processes, and its work dir unless --keep-logs."""
+    for p in procs:
+        if p is not None:
+            mig.stop(p)
+    if a.keep_logs:
+        case["logs"] = d
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def log_case(name, case):
+    log(f"{name}: " + (f"finished={case['finished']} total={case.get('total_ms')} ms "
+                       f"down={case.get('downtime_ms')} ms wire={case.get('wire_bytes', 0) / MIB:.1f}"
+                       f" MiB iters={case.get('iterations')} throttle_max="
+                       f"{case.get('throttle_percent_max')}" if case["ok"]
+                       else f"ERROR {case.get('error', '')[:300]}"))
+
+
 def ours_case(a, net, tmp, workload, adaptive, ladder=None):
     gargs, mib, _ = WORKLOADS[workload]
     name = f"ours-{'adaptive' if adaptive else 'plain'}-{workload}"
@@ -503,18 +522,8 @@ def ours_case(a, net, tmp, workload, adaptive, ladder=None):
     finally:
         if poller is not None and poller.is_alive():
             poller.stop()
-        for p in (ctl, src, dst):
-            if p is not None:
-                mig.stop(p)
-        if a.keep_logs:
-            case["logs"] = d
-        else:
-            shutil.rmtree(d, ignore_errors=True)
-    log(f"{name}: " + (f"finished={case['finished']} total={case.get('total_ms')} ms "
-                       f"down={case.get('downtime_ms')} ms wire={case.get('wire_bytes', 0) / MIB:.1f}"
-                       f" MiB iters={case.get('iterations')} throttle_max="
-                       f"{case.get('throttle_percent_max')}" if case["ok"]
-                       else f"ERROR {case.get('error', '')[:300]}"))
+        end_case(a, case, d, (ctl, src, dst))
+    log_case(name, case)
     return case
 
 
@@ -687,18 +696,8 @@ def qemu_case(a, net, tmp, initrd, workload, auto_converge, target_mib_s):
         for x in (con, qs, qd):
             if x is not None:
                 x.close()
-        for p in (src, dst):
-            if p is not None:
-                mig.stop(p)
-        if a.keep_logs:
-            case["logs"] = d
-        else:
-            shutil.rmtree(d, ignore_errors=True)
-    log(f"{name}: " + (f"finished={case['finished']} total={case.get('total_ms')} ms "
-                       f"down={case.get('downtime_ms')} ms wire={case.get('wire_bytes', 0) / MIB:.1f}"
-                       f" MiB iters={case.get('iterations')} throttle_max="
-                       f"{case.get('throttle_percent_max')}" if case["ok"]
-                       else f"ERROR {case.get('error', '')[:300]}"))
+        end_case(a, case, d, (src, dst))
+    log_case(name, case)
     return case
 
 
