@@ -82,6 +82,27 @@ TEST(ParseArgs, ValueMayStartWithDash) {
   EXPECT_EQ(o->config.cmdline(), "-v");
 }
 
+TEST(ParseArgs, AdaptiveMigrationFlags) {
+  absl::StatusOr<Options> o = Parse({"--socket", "/s", "migrate", "--to", "/d", "--adaptive"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_TRUE(o->migration.has_policy());
+  EXPECT_EQ(o->migration.policy().ladder_size(), 0) << "empty ladder = the VMM's default";
+  o = Parse({"--socket", "/s", "migrate", "--to", "/d", "--profile", "latency", "--ladder",
+             "delta,compress", "--allow-postcopy"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->migration.policy().profile(), PolicyConfig::PROFILE_LATENCY_SENSITIVE);
+  ASSERT_EQ(o->migration.policy().ladder_size(), 2);
+  EXPECT_EQ(o->migration.policy().ladder(0), STEP_DELTA);
+  EXPECT_EQ(o->migration.policy().ladder(1), STEP_COMPRESS);
+  EXPECT_TRUE(o->migration.policy().allow_postcopy());
+  EXPECT_THAT(ParseError({"--socket", "/s", "migrate", "--to", "/d", "--profile", "fast"}),
+              HasSubstr("bad --profile value 'fast'"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "migrate", "--to", "/d", "--ladder", "delta,zip"}),
+              HasSubstr("bad --ladder step 'zip'"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "migrate", "--to", "/d", "--ladder", "delta,,compress"}),
+              HasSubstr("bad --ladder step ''"));
+}
+
 TEST(ParseArgs, PostcopyCommandsAndFlags) {
   absl::StatusOr<Options> o = Parse({"--socket", "/s", "migrate", "--to", "/d", "--postcopy"});
   ASSERT_TRUE(o.ok()) << o.status();
