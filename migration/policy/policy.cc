@@ -34,6 +34,8 @@ IterationMetrics Sanitized(const IterationMetrics& in) {
   m.set_compression_ratio(Clean(m.compression_ratio(), 1e6));
   m.set_zero_share(Clean(m.zero_share(), 1.0));
   m.set_delta_hit_rate(Clean(m.delta_hit_rate(), 1.0));
+  m.set_delta_sample_hit_rate(Clean(m.delta_sample_hit_rate(), 1.0));
+  m.set_delta_sample_size_ratio(Clean(m.delta_sample_size_ratio(), 1.0));
   m.set_idle_host_cores(Clean(m.idle_host_cores(), 1e6));
   return m;
 }
@@ -113,6 +115,7 @@ absl::StatusOr<PolicyConfig> ValidatePolicyConfig(const PolicyConfig& in) {
   MVMM_DEFAULT(delta_min_cache_bytes, 16 * kMiB);
   MVMM_DEFAULT(delta_max_free_share, 0.25);
   MVMM_DEFAULT(min_delta_hit_rate, 0.2);
+  MVMM_DEFAULT(min_delta_sample_pages, 8);
   MVMM_DEFAULT(throttle_initial_percent, 20);
   MVMM_DEFAULT(throttle_step_percent, 10);
   MVMM_DEFAULT(throttle_max_percent, 80);
@@ -139,6 +142,7 @@ absl::StatusOr<PolicyConfig> ValidatePolicyConfig(const PolicyConfig& in) {
   MVMM_RANGE(delta_min_cache_bytes, 1, double(c.delta_cache_bytes()));
   MVMM_RANGE(delta_max_free_share, 0.01, 1.0);
   MVMM_RANGE(min_delta_hit_rate, 0, 1.0);
+  MVMM_RANGE(min_delta_sample_pages, 1, 4096);
   MVMM_RANGE(throttle_initial_percent, 1, 99);
   MVMM_RANGE(throttle_step_percent, 1, 99);
   MVMM_RANGE(throttle_max_percent, double(c.throttle_initial_percent()), 99);
@@ -156,11 +160,41 @@ TendencyDetector::TendencyDetector(const PolicyConfig& c)
       diverge_threshold_(c.diverge_threshold()),
       diverge_dirty_ratio_(c.diverge_dirty_ratio()) {}
 
+// One pass's evidence of divergence, judged against the previous pass alone (no window).
+// (a) The guest dirties at least diverge_dirty_ratio x the bandwidth and the remaining bytes did
+//     not fall by converge_threshold: pre-copy loses ground (or sits at the working-set cap).
+// (b) The measured dirty rate is pinned at the bandwidth (the whole working set is dirtied
+//     within each pass, whatever the guest's real rate) and the remaining bytes stayed flat
+//     (within -converge_threshold .. +diverge_threshold): each pass re-sends what the previous
+//     one left. A pinned rate with a larger swing is a burst or an oscillation (a pinned rate
+//     physically keeps remaining flat): left to the window.
+bool TendencyDetector::Evident(const Sample& prev, const Sample& cur, std::string* why) const {
+  if (cur.bandwidth == 0 || cur.downtime_ok) return false;
+  const double ratio = double(cur.dirty) / double(cur.bandwidth);
+  const double change = RelChange(prev.remaining, cur.remaining);
+  const bool pinned = std::abs(ratio - 1.0) <= 0.1;  // as MigrationPolicy::DirtyRatePinned
+  const bool a = ratio >= diverge_dirty_ratio_ && change > -converge_threshold_;
+  const bool b = pinned && change > -converge_threshold_ && change < diverge_threshold_;
+  if (!a && !b) return false;
+  *why = absl::StrFormat("dirty/bandwidth %.2f%s, remaining %s -> %s (%+.0f%%)", ratio,
+                         a ? "" : " (pinned at the bandwidth)", Bytes(prev.remaining),
+                         Bytes(cur.remaining), std::min(change, 99.99) * 100);
+  return true;
+}
+
 PolicyTendency TendencyDetector::Classify(const IterationMetrics& m) {
   if (m.downtime_limit_ms() > 0 && m.expected_downtime_ms() <= m.downtime_limit_ms()) {
     explain_ = absl::StrFormat("expected downtime %d ms <= limit %d ms", m.expected_downtime_ms(),
                                m.downtime_limit_ms());
     return TENDENCY_CONVERGING;
+  }
+  // Evident divergence needs no full window: QEMU's auto-converge acts at its 3rd sync, and a
+  // guest that outruns the link by a margin, or re-dirties its whole working set each pass, does
+  // not need 4 passes to show it. Its own hysteresis: confirm_iterations passes in a row.
+  if (evident_streak_ >= confirm_) {
+    explain_ = absl::StrFormat("evident divergence for %d passes in a row: %s", evident_streak_,
+                               evident_why_);
+    return TENDENCY_DIVERGING;
   }
   if (samples_.size() < window_) {
     explain_ = absl::StrFormat("%d of %d iterations seen", samples_.size(), window_);
@@ -187,15 +221,25 @@ PolicyTendency TendencyDetector::Classify(const IterationMetrics& m) {
 }
 
 PolicyTendency TendencyDetector::Add(const IterationMetrics& m) {
-  samples_.push_back({m.remaining_bytes(), m.dirty_bytes_per_s(), m.bandwidth_bytes_per_s()});
-  while (samples_.size() > window_) samples_.pop_front();
-  const PolicyTendency raw = Classify(m);
   const bool downtime_ok = m.downtime_limit_ms() > 0 &&
                            m.expected_downtime_ms() <= m.downtime_limit_ms();
+  const Sample cur{m.remaining_bytes(), m.dirty_bytes_per_s(), m.bandwidth_bytes_per_s(),
+                   downtime_ok};
+  std::string why;
+  if (!samples_.empty() && Evident(samples_.back(), cur, &why)) {
+    ++evident_streak_;
+    evident_why_ = std::move(why);
+  } else {
+    evident_streak_ = 0;
+  }
+  samples_.push_back(cur);
+  while (samples_.size() > window_) samples_.pop_front();
+  const PolicyTendency raw = Classify(m);
   if (raw == TENDENCY_UNKNOWN || raw == tendency_) {
     candidate_count_ = 0;
-  } else if (tendency_ == TENDENCY_UNKNOWN || downtime_ok) {
-    // First classification, or switchover already possible: no reason to wait.
+  } else if (tendency_ == TENDENCY_UNKNOWN || downtime_ok || evident()) {
+    // First classification, switchover already possible, or evident divergence (which had its
+    // own confirm_iterations passes in a row): no reason to wait.
     tendency_ = raw;
     candidate_count_ = 0;
   } else {
@@ -284,7 +328,8 @@ std::vector<PolicyDecision> MigrationPolicy::Observe(const IterationMetrics& met
       rung_index_ < size_t(config_.ladder_size()) &&
       config_.ladder(rung_index_) == STEP_THROTTLE && rung_.active && !rung_.done &&
       DirtyRatePinned(current_);
-  if ((nonconverging_streak_ >= config_.window() &&
+  // Evident divergence (see TendencyDetector) does not wait for a full window of it.
+  if (((nonconverging_streak_ >= config_.window() || (detector_.evident() && !converging)) &&
        observations_ - last_action_ >= config_.settle_iterations()) ||
       (pinned_throttle && !converging)) {
     Climb();
@@ -493,6 +538,27 @@ bool MigrationPolicy::TryEnable(PolicyStep step, std::string* why_not) {
       return true;
     }
     case STEP_DELTA: {
+      // Measured before enabling (PageEncoder::SampleDelta): pages whose every byte changes
+      // (random content, encrypted or compressed data) make no delta, and a cache would only be
+      // filled in vain for a few passes before its own hit rate disabled it. Too few sampled
+      // pages: no judgement, enable as without a sample (the hit rate check after settling
+      // still applies).
+      const uint32_t sampled = m.delta_sample_pages();
+      const bool judged = sampled >= config_.min_delta_sample_pages();
+      std::string sample =
+          judged ? absl::StrFormat("sampled delta hit rate %.0f%% of %d pages",
+                                   m.delta_sample_hit_rate() * 100, sampled)
+                 : absl::StrFormat("delta not sampled (%d of %d pages needed)", sampled,
+                                   config_.min_delta_sample_pages());
+      if (judged && m.delta_sample_hit_rate() > 0) {
+        absl::StrAppendFormat(&sample, ", mean delta %.1f%% of a page",
+                              m.delta_sample_size_ratio() * 100);
+      }
+      if (judged && m.delta_sample_hit_rate() < config_.min_delta_hit_rate()) {
+        *why_not = absl::StrFormat("%s < %.0f%%: pages do not delta-encode", sample,
+                                   config_.min_delta_hit_rate() * 100);
+        return false;
+      }
       const uint64_t free = m.free_host_memory_bytes();
       const uint64_t cap = uint64_t(double(free) * config_.delta_max_free_share());
       const uint64_t cache = std::min<uint64_t>(config_.delta_cache_bytes(), cap);
@@ -507,8 +573,8 @@ bool MigrationPolicy::TryEnable(PolicyStep step, std::string* why_not) {
       settings_.set_delta_cache_bytes(cache);
       delta_enabled_at_ = observations_;
       Emit(step, PolicyDecision::ENABLE,
-           absl::StrFormat("delta on with a %s cache (free host memory %s)", Bytes(cache),
-                           Bytes(free)));
+           absl::StrFormat("delta on with a %s cache (free host memory %s), %s", Bytes(cache),
+                           Bytes(free), sample));
       return true;
     }
     case STEP_THROTTLE: {

@@ -41,6 +41,10 @@ const char* ActionName(PolicyDecision::Action action);
 // the working set. Expected downtime at or under the limit is CONVERGING at once (switchover is
 // possible).
 // Hysteresis: any other change of tendency must be seen `confirm_iterations` times in a row.
+// Evident divergence (see Evident() in policy.cc: dirty rate >= diverge_dirty_ratio x bandwidth
+// with remaining bytes not falling, or dirty rate pinned at the bandwidth with remaining bytes
+// flat) seen `confirm_iterations` passes in a row reads DIVERGING at once, without waiting for a
+// full window; oscillations (remaining swinging by more than the thresholds) never qualify.
 class TendencyDetector {
  public:
   explicit TendencyDetector(const PolicyConfig& validated_config);
@@ -50,14 +54,19 @@ class TendencyDetector {
   PolicyTendency tendency() const { return tendency_; }
   // The numbers behind the last classification, for decision reasons.
   std::string Explain() const { return explain_; }
+  // Passes in a row with evident divergence; >= confirm_iterations: DIVERGING without a window.
+  uint32_t evident_streak() const { return evident_streak_; }
+  bool evident() const { return evident_streak_ >= confirm_; }
 
  private:
   struct Sample {
     uint64_t remaining;
     uint64_t dirty;
     uint64_t bandwidth;
+    bool downtime_ok;
   };
   PolicyTendency Classify(const IterationMetrics& m);
+  bool Evident(const Sample& prev, const Sample& cur, std::string* why) const;
 
   const uint32_t window_;
   const uint32_t confirm_;
@@ -68,12 +77,17 @@ class TendencyDetector {
   PolicyTendency tendency_ = TENDENCY_UNKNOWN;
   PolicyTendency candidate_ = TENDENCY_UNKNOWN;
   uint32_t candidate_count_ = 0;
+  uint32_t evident_streak_ = 0;
+  std::string evident_why_;
   std::string explain_;
 };
 
 // The ladder. Rules (see policy.cc for details):
-// - acts only when the tendency has been non-CONVERGING for `window` iterations in a row, and
-//   at most once every `settle_iterations` (so the last change can show its effect);
+// - acts only when the tendency has been non-CONVERGING for `window` iterations in a row, or
+//   the detector sees evident divergence (TendencyDetector::evident()), and at most once every
+//   `settle_iterations` (so the last change can show its effect);
+// - delta is skipped when its sampled hit rate (IterationMetrics.delta_sample_*, at least
+//   `min_delta_sample_pages` pages) is under `min_delta_hit_rate`: no cache is filled in vain;
 // - a rung with a knob (compression threads, throttle percent) is tuned up first; the next rung
 //   is taken when the knob hits its cap or the last step moved its metric by less than
 //   `min_tune_effect` (compression: bandwidth; throttle: dirty rate);

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_format.h"
 #include "migration/stream/page_codec.h"
+#include "migration/stream/xbzrle.h"
 #include "vmm/base/log.h"
 
 namespace microvmm::migration {
@@ -55,8 +56,7 @@ absl::StatusOr<uint64_t> PageEncoder::Encode(
   std::vector<uint8_t> buf(delta_ != nullptr ? gpas.size() * kPageSize : 0);
   std::vector<PageCompressor::Page> full;
   std::string delta;
-  // A delta must beat what the page would cost otherwise: about half a page compressed.
-  const size_t max_delta = compressor_ ? kPageSize / 2 : kPageSize * 7 / 8;
+  const size_t max_delta = MaxDelta();
   for (size_t i = 0; i < gpas.size(); ++i) {
     const uint64_t gpa = gpas[i];
     if (hole(gpa)) {
@@ -137,6 +137,57 @@ PageEncoder::Sample PageEncoder::SampleCompressibility(GuestMemory& mem, const D
   return s;
 }
 
+size_t PageEncoder::MaxDelta() const {
+  // A delta must beat what the page would cost otherwise: about half a page compressed.
+  return compressor_ ? kPageSize / 2 : kPageSize * 7 / 8;
+}
+
+PageEncoder::DeltaSample PageEncoder::SampleDelta(GuestMemory& mem, const DirtySet& pages,
+                                                  uint32_t max) {
+  DeltaSample s;
+  // 1. Compare last call's copies with the pages now, where the page is about to be re-sent: the
+  //    previous copy stands for the version the destination would hold (what the cache would),
+  //    the content now for the next version sent.
+  const size_t max_delta = MaxDelta();
+  std::string delta;
+  uint64_t hit_bytes = 0;
+  uint32_t hits = 0;
+  for (size_t i = 0; i < probe_gpas_.size(); ++i) {
+    if (!pages.Test(probe_gpas_[i])) continue;
+    auto host = mem.HostPtr(probe_gpas_[i], kPageSize);
+    if (!host.ok() || IsZeroPage(*host)) continue;
+    ++s.pages;
+    if (XbzrleEncode(std::span<const uint8_t>(probe_data_.data() + i * kPageSize, kPageSize),
+                     std::span<const uint8_t>(*host, kPageSize), max_delta, &delta)) {
+      ++hits;
+      hit_bytes += delta.size();
+    }
+  }
+  if (s.pages > 0) s.hit_rate = static_cast<double>(hits) / s.pages;
+  if (hits > 0) s.size_ratio = static_cast<double>(hit_bytes) / hits / kPageSize;
+
+  // 2. New probe: up to `max` non-zero pages spread evenly over `pages`. A stable working set
+  //    gives the same gpas pass after pass, so most of them are comparable next time.
+  probe_gpas_.clear();
+  const uint64_t n = pages.Count();
+  if (n == 0 || max == 0) {
+    probe_data_.clear();
+    return s;
+  }
+  probe_data_.resize(static_cast<size_t>(max) * kPageSize);
+  const uint64_t stride = std::max<uint64_t>(1, n / max);
+  uint64_t k = 0;
+  pages.ForEachSetPage([&](uint64_t gpa) {
+    if (k++ % stride != 0 || probe_gpas_.size() >= max) return;
+    auto host = mem.HostPtr(gpa, kPageSize);
+    if (!host.ok() || IsZeroPage(*host)) return;
+    std::memcpy(probe_data_.data() + probe_gpas_.size() * kPageSize, *host, kPageSize);
+    probe_gpas_.push_back(gpa);
+  });
+  probe_data_.resize(probe_gpas_.size() * kPageSize);
+  return s;
+}
+
 double PageEncoder::TakeDeltaHitRate() {
   const uint64_t d = delta_pages_.load(), c = content_pages_.load();
   const uint64_t dd = d - last_delta_, dc = c - last_content_;
@@ -179,6 +230,10 @@ absl::StatusOr<std::vector<PolicyDecision>> AdaptiveMigration::Observe(Iteration
   m.set_compression_ratio(sample.ratio);
   m.set_zero_share(sample.zero_share);
   m.set_delta_hit_rate(encoder_.TakeDeltaHitRate());
+  const PageEncoder::DeltaSample ds = encoder_.SampleDelta(vm_->memory(), dirty);
+  m.set_delta_sample_pages(ds.pages);
+  m.set_delta_sample_hit_rate(ds.hit_rate);
+  m.set_delta_sample_size_ratio(ds.size_ratio);
   if (auto idle = probe_.IdleCores(); idle.ok()) m.set_idle_host_cores(*idle);
   if (auto mem = probe_.FreeMemoryBytes(); mem.ok()) m.set_free_host_memory_bytes(*mem);
   std::vector<PolicyDecision> d = policy_->Observe(m);

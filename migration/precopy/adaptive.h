@@ -58,6 +58,19 @@ class PageEncoder {
   };
   Sample SampleCompressibility(GuestMemory& mem, const DirtySet& pages, uint32_t max = 64);
 
+  // Delta-ability probe, so that delta is enabled only where it can help. Call once per pass
+  // with the pages about to be sent (as SampleCompressibility). Pages copied at the previous
+  // call that are in `pages` again are compared with their content now: a hit is an XBZRLE
+  // delta that fits the threshold Encode() would apply (with the current compression setting).
+  // Then up to `max` non-zero pages spread over `pages` are copied for the next call (memory
+  // bounded: max pages). Zero pages are not compared (they travel as ZERO records anyway).
+  struct DeltaSample {
+    uint32_t pages = 0;       // compared pages; 0: nothing to compare yet
+    double hit_rate = 0;      // share of `pages` whose delta fits
+    double size_ratio = 0;    // mean delta size / page size over the hits
+  };
+  DeltaSample SampleDelta(GuestMemory& mem, const DirtySet& pages, uint32_t max = 64);
+
   uint64_t compressed_pages() const { return compressed_pages_.load(); }
   uint64_t delta_pages() const { return delta_pages_.load(); }
   // Share of the pages sent with content since the previous call that went as deltas.
@@ -67,6 +80,10 @@ class PageEncoder {
   std::unique_ptr<PageCompressor> compressor_;
   std::unique_ptr<DeltaCache> delta_;
   std::unique_ptr<PageCompressor> sampler_;  // one thread, samples every batch
+  // Largest delta worth sending instead of the page (Encode and SampleDelta).
+  size_t MaxDelta() const;
+  std::vector<uint64_t> probe_gpas_;  // pages copied by the last SampleDelta
+  std::vector<uint8_t> probe_data_;   // their content then, kPageSize each
   std::atomic<uint64_t> compressed_pages_{0}, delta_pages_{0}, content_pages_{0};
   uint64_t last_delta_ = 0, last_content_ = 0;
 };

@@ -30,6 +30,10 @@ struct Host {
   double idle = 1.5;         // idle host cores
   double free_gib = 8;
   double io_mibps = 1;
+  // Delta probe (PageEncoder::SampleDelta): compared pages, their hit rate and delta size.
+  uint32_t sample_pages = 0;
+  double sample_hit = 0;
+  double sample_size = 0;
 };
 
 // One recorded iteration: remaining MiB, dirty MiB/s, bandwidth MiB/s.
@@ -50,6 +54,9 @@ IterationMetrics Metrics(uint32_t iter, const Row& r, const Host& h) {
   m.set_idle_host_cores(h.idle);
   m.set_free_host_memory_bytes(uint64_t(h.free_gib * 1024 * kMiB));
   m.set_guest_io_bytes_per_s(uint64_t(h.io_mibps * kMiB));
+  m.set_delta_sample_pages(h.sample_pages);
+  m.set_delta_sample_hit_rate(h.sample_hit);
+  m.set_delta_sample_size_ratio(h.sample_size);
   m.set_downtime_limit_ms(kLimitMs);
   m.set_expected_downtime_ms(uint64_t(r.remaining / r.bw * 1000));
   return m;
@@ -204,7 +211,10 @@ TEST(TendencyTest, OscillatingTraceDoesNotFlap) {
   EXPECT_EQ(TendencyChanges(r.tendencies), 1);  // UNKNOWN -> STALLED only
   // Stalled is not converging, so the ladder climbs - but nothing is switched on and off again.
   for (const auto& d : r.decisions) EXPECT_NE(d.action(), PolicyDecision::DISABLE) << d.reason();
-  EXPECT_FALSE(r.decisions.empty());
+  ASSERT_FALSE(r.decisions.empty());
+  // Dirty rate pinned at the bandwidth (90 of 100), but remaining swings by 50%: not evident
+  // divergence, so the policy waits for its full window of STALLED (passes 4..7).
+  EXPECT_EQ(r.decisions[0].iteration(), 7u);
 
   // Period 3 with a window of 6: each half holds a whole period.
   PolicyConfig c;
@@ -226,6 +236,118 @@ TEST(TendencyTest, OscillatingAroundTheDowntimeLimitStaysConverging) {
   Replay r = Play(*p, Repeat({{25, 90, 100}, {35, 90, 100}}, 10));
   EXPECT_TRUE(r.decisions.empty());
   for (PolicyTendency t : r.tendencies) EXPECT_EQ(t, TENDENCY_CONVERGING);
+}
+
+// --- evident divergence: acting before a full window ---------------------------------------
+
+TEST(EvidentDivergenceTest, ActsAtPassThreeWhenDivergenceIsEvident) {
+  // Dirty rate twice the bandwidth, remaining at the working-set cap: evidence at passes 2 and
+  // 3 (each compared with the previous one), the ladder acts at pass 3 - QEMU's auto-converge
+  // would at its third sync. Without evidence the first action would wait for pass 7.
+  auto p = NewPolicy({});
+  Replay r = Play(*p, std::vector<Row>(6, {1024, 200, 100}));
+  ASSERT_FALSE(r.decisions.empty());
+  EXPECT_EQ(r.decisions[0].iteration(), 3u);
+  EXPECT_EQ(r.tendencies[0], TENDENCY_UNKNOWN);
+  EXPECT_EQ(r.tendencies[1], TENDENCY_UNKNOWN);  // one pass of evidence: not yet
+  EXPECT_EQ(r.tendencies[2], TENDENCY_DIVERGING);
+  EXPECT_THAT(r.decisions[0].reason(), HasSubstr("evident divergence for 2 passes in a row"));
+  EXPECT_THAT(r.decisions[0].reason(), HasSubstr("dirty/bandwidth 2.00"));
+  EXPECT_EQ(TendencyChanges(r.tendencies), 1);  // and it stays DIVERGING once the window fills
+}
+
+TEST(EvidentDivergenceTest, PinnedAtTheBandwidthWithFlatRemainingIsEvident) {
+  // The bench's random workload: 16 MiB re-dirtied within each 4.4 s pass over a 3.65 MiB/s
+  // link; the measured dirty rate is pinned at the bandwidth.
+  PolicyConfig c;
+  c.add_ladder(STEP_THROTTLE);
+  auto p = NewPolicy(c);
+  Replay r = Play(*p, std::vector<Row>(5, {16.1, 3.6, 3.65}));
+  ASSERT_FALSE(r.decisions.empty());
+  EXPECT_EQ(Steps(r.decisions)[0], "THROTTLE ENABLE");
+  EXPECT_EQ(r.decisions[0].iteration(), 3u);
+  EXPECT_THAT(r.decisions[0].reason(), HasSubstr("(pinned at the bandwidth)"));
+}
+
+TEST(EvidentDivergenceTest, NotEvidentWaitsForTheWindow) {
+  // Stalled well under the bandwidth (dirty 0.7x): no evidence, the window decides (STALLED from
+  // pass 4, acted on after 4 non-converging passes: pass 7).
+  auto p = NewPolicy({});
+  Replay r = Play(*p, std::vector<Row>(8, {1024, 70, 100}));
+  ASSERT_FALSE(r.decisions.empty());
+  EXPECT_EQ(r.decisions[0].iteration(), 7u);
+  EXPECT_EQ(r.tendencies.back(), TENDENCY_STALLED);
+
+  // Evidence interrupted by a pass where remaining fell by 30%: the streak starts over.
+  auto p2 = NewPolicy({});
+  Replay r2 = Play(*p2, {{1024, 200, 100}, {1024, 200, 100}, {700, 200, 100},
+                         {700, 200, 100}, {700, 200, 100}});
+  ASSERT_FALSE(r2.decisions.empty());
+  EXPECT_EQ(r2.decisions[0].iteration(), 5u);  // evidence at 4 and 5
+  EXPECT_EQ(r2.tendencies[2], TENDENCY_UNKNOWN);
+}
+
+// --- delta probe before enabling delta -------------------------------------------------------
+
+TEST(DeltaSampleTest, RandomContentSkipsDeltaWithTheSampledNumbers) {
+  // The bench's random workload: nothing compresses (1.02x), every byte of a page changes
+  // (sampled hit rate 0% of 64 pages): delta is skipped instead of filling a cache for 2 passes,
+  // and the throttle comes in the same pass.
+  auto p = NewPolicy({});
+  Host h;
+  h.ratio = 1.02;
+  h.idle = 0;
+  h.sample_pages = 64;
+  h.sample_hit = 0;
+  Replay r = Play(*p, std::vector<Row>(3, {16.1, 3.6, 3.65}), h);  // (pass 4 tunes the throttle)
+  ASSERT_EQ(Steps(r.decisions),
+            (std::vector<std::string>{"COMPRESS SKIP", "DELTA SKIP", "THROTTLE ENABLE"}));
+  EXPECT_THAT(r.decisions[1].reason(),
+              HasSubstr("sampled delta hit rate 0% of 64 pages < 20%"));
+  for (const auto& d : r.decisions) {
+    EXPECT_EQ(d.iteration(), 3u);
+    EXPECT_FALSE(d.settings().delta());
+  }
+  EXPECT_EQ(p->settings().throttle_percent(), 20u);
+}
+
+TEST(DeltaSampleTest, FewWordWritesEnableDelta) {
+  // The bench's compressible workload (4 words of each page rewritten): deltas of ~1% of a page.
+  auto p = NewPolicy({});
+  Host h;
+  h.idle = 0;  // the 2-core host: no core to compress on
+  h.sample_pages = 64;
+  h.sample_hit = 1.0;
+  h.sample_size = 0.012;
+  Replay r = Play(*p, std::vector<Row>(4, {32.1, 3.6, 3.65}), h);
+  ASSERT_EQ(Steps(r.decisions), (std::vector<std::string>{"COMPRESS SKIP", "DELTA ENABLE"}));
+  EXPECT_THAT(r.decisions[1].reason(),
+              HasSubstr("sampled delta hit rate 100% of 64 pages, mean delta 1.2% of a page"));
+  EXPECT_TRUE(p->settings().delta());
+}
+
+TEST(DeltaSampleTest, TooFewSampledPagesKeepTheOldBehaviour) {
+  PolicyConfig c;
+  c.add_ladder(STEP_DELTA);
+  auto p = NewPolicy(c);
+  Host h;
+  h.sample_pages = 7;  // < min_delta_sample_pages (8)
+  h.sample_hit = 0;
+  Replay r = Play(*p, std::vector<Row>(4, {1024, 200, 100}), h);
+  ASSERT_EQ(Steps(r.decisions), (std::vector<std::string>{"DELTA ENABLE"}));
+  EXPECT_THAT(r.decisions[0].reason(), HasSubstr("delta not sampled (7 of 8 pages needed)"));
+
+  // A configured threshold counts, and a hit rate just at min_delta_hit_rate enables.
+  c.set_min_delta_sample_pages(4);
+  auto p2 = NewPolicy(c);
+  h.sample_hit = 0.2;
+  Replay r2 = Play(*p2, std::vector<Row>(4, {1024, 200, 100}), h);
+  ASSERT_EQ(Steps(r2.decisions), (std::vector<std::string>{"DELTA ENABLE"}));
+  EXPECT_THAT(r2.decisions[0].reason(), HasSubstr("sampled delta hit rate 20% of 7 pages"));
+  h.sample_hit = 0.19;
+  auto p3 = NewPolicy(c);
+  Replay r3 = Play(*p3, std::vector<Row>(4, {1024, 200, 100}), h);
+  ASSERT_EQ(Steps(r3.decisions), (std::vector<std::string>{"DELTA SKIP", "NONE EXHAUSTED"}));
 }
 
 TEST(PolicyTest, SkipReasonsCarryTheNumbersThenExhaustedOnce) {
@@ -314,7 +436,10 @@ TEST(PolicyTest, ThrottleReleasedOnConvergenceAndReappliedWhenLost) {
   PolicyConfig c;
   c.add_ladder(STEP_THROTTLE);
   auto p = NewPolicy(c);
-  std::vector<Row> rows(7, {1000, 300, 100});  // diverging: throttle goes on
+  // Diverging evidently (dirty 3x the bandwidth, remaining flat): throttle goes on at pass 3
+  // (2 passes of evidence after the first), so the release comes at pass 4, before the rung
+  // could be judged.
+  std::vector<Row> rows(3, {1000, 300, 100});
   rows.push_back({20, 100, 100});              // 200 ms <= 300 ms: released at once
   rows.insert(rows.end(), 10, {1000, 300, 100});  // diverging again
   Replay r = Play(*p, rows);
@@ -322,7 +447,10 @@ TEST(PolicyTest, ThrottleReleasedOnConvergenceAndReappliedWhenLost) {
   ASSERT_EQ(Steps(r.decisions), (std::vector<std::string>{"THROTTLE ENABLE", "THROTTLE DISABLE",
                                                           "THROTTLE ENABLE", "NONE EXHAUSTED"}));
   EXPECT_EQ(r.decisions[0].settings().throttle_percent(), 20u);
-  EXPECT_EQ(r.decisions[1].iteration(), 8u);
+  EXPECT_EQ(r.decisions[0].iteration(), 3u);
+  EXPECT_EQ(r.decisions[1].iteration(), 4u);
+  // Lost again: evident after 2 passes of evidence (5, 6), re-applied at once.
+  EXPECT_EQ(r.decisions[2].iteration(), 6u);
   EXPECT_EQ(r.decisions[1].settings().throttle_percent(), 0u);
   EXPECT_THAT(r.decisions[1].reason(), HasSubstr("expected downtime 200 ms <= limit 300 ms"));
   EXPECT_THAT(r.decisions[2].reason(), HasSubstr("re-applied at 20%"));
@@ -516,6 +644,10 @@ TEST(PolicyConfigTest, Errors) {
   c.Clear();
   c.set_min_delta_hit_rate(-0.1);
   ExpectInvalid(c, "min_delta_hit_rate");
+
+  c.Clear();
+  c.set_min_delta_sample_pages(0);
+  ExpectInvalid(c, "min_delta_sample_pages = 0 out of range [1, 4096]");
 }
 
 TEST(PolicyTest, HostileMetricValuesDoNotBreakIt) {
