@@ -159,10 +159,17 @@ absl::Status MigrationDestination::RunControl(
     }
   }
   DestinationMessage reply;
-  reply.mutable_accepted();
+  reply.mutable_accepted()->set_flush(true);
   if (!stream->Write(reply)) return absl::UnavailableError("source went away after the header");
 
   if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
+  while (msg.has_flush()) {  // pre-copy barriers: one per pass
+    if (absl::Status s = WaitStreamsReached(msg.flush().pages_per_stream()); !s.ok()) return s;
+    reply.Clear();
+    reply.mutable_flushed();
+    if (!stream->Write(reply)) return absl::UnavailableError("source went away during pre-copy");
+    if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
+  }
   if (msg.has_abort())
     return absl::AbortedError(absl::StrCat("source aborted: ", msg.abort().reason()));
   Vm* vm;
@@ -195,6 +202,32 @@ absl::Status MigrationDestination::RunControl(
   }
   Finish(std::move(running));
   (void)ctx;
+  return absl::OkStatus();
+}
+
+absl::Status MigrationDestination::WaitStreamsReached(
+    const google::protobuf::RepeatedField<uint64_t>& counts) {
+  absl::MutexLock lock(&mu_);
+  if (static_cast<uint32_t>(counts.size()) != precopy_streams_)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "flush names %d page streams, the migration has %d", counts.size(), precopy_streams_));
+  auto reached = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (!page_error_.empty()) return true;
+    for (uint32_t i = 0; i < precopy_streams_; ++i)
+      if (received_[i] < counts.Get(i)) return false;
+    return true;
+  };
+  // The source flushes what it has handed to its streams; those bytes are at most a few
+  // socket buffers away. A stream that stops delivering for this long has failed.
+  if (!mu_.AwaitWithTimeout(absl::Condition(&reached), kFlushTimeout)) {
+    std::string got;
+    for (uint32_t i = 0; i < precopy_streams_; ++i)
+      absl::StrAppendFormat(&got, "%s%d/%d", i ? ", " : "", received_[i], counts.Get(i));
+    return absl::DeadlineExceededError(absl::StrFormat(
+        "page streams did not deliver the flushed pages within %d s (received/flushed: %s)",
+        absl::ToInt64Seconds(kFlushTimeout), got));
+  }
+  if (!page_error_.empty()) return absl::InvalidArgumentError(page_error_);
   return absl::OkStatus();
 }
 
@@ -310,7 +343,7 @@ grpc::Status MigrationDestination::Pages(grpc::ServerContext* ctx,
   }
   summary->set_pages(pages);
   summary->set_bytes(bytes);
-  end(absl::OkStatus());
+  (void)end(absl::OkStatus());
   return grpc::Status::OK;
 }
 

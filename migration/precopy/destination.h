@@ -45,6 +45,9 @@ class MigrationDestination final : public Migration::Service {
   void Finish(absl::StatusOr<std::unique_ptr<Vm>> result);
   // Waits until page streams [first, first + counts.size()) are closed with exactly `counts`.
   absl::Status WaitStreamsClosed(uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts);
+  // Pre-copy Flush: waits until every pre-copy page stream delivered at least `counts` records.
+  absl::Status WaitStreamsReached(const google::protobuf::RepeatedField<uint64_t>& counts);
+  static constexpr absl::Duration kFlushTimeout = absl::Seconds(60);
   absl::Status RunPostcopy(grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream,
                            const StartPostcopy& sp, Vm* vm);
   // PostcopyMemory's FetchFn: queues a request on `lane`'s demand stream.

@@ -508,7 +508,27 @@ absl::Status MigrationSource::Session::Run() {
   DestinationMessage reply;
   if (!control->Read(&reply)) return control_error("refusing the header");
   if (!reply.has_accepted()) return absl::InternalError("destination did not accept the header");
+  const bool flush = reply.accepted().flush();
   if (absl::Status s = OpenStreams(); !s.ok()) return s;
+  // Pre-copy barrier (see Flush in migration.proto): returns once the destination holds every
+  // page handed to the streams so far.
+  auto flush_streams = [&]() -> absl::Status {
+    msg.Clear();
+    for (auto& s : streams_) msg.mutable_flush()->add_pages_per_stream(s->pages_sent);
+    if (!control->Write(msg)) return control_error("during pre-copy");
+    if (!control->Read(&reply)) return control_error("during pre-copy");
+    if (!reply.has_flushed()) return absl::InternalError("destination did not answer Flush");
+    return absl::OkStatus();
+  };
+  // The switchover's fixed cost, added to every expected-downtime estimate: two control round
+  // trips (Complete/Ready, Go/Resumed), measured now on the empty pipes, plus the last dirty
+  // sync (taken again while paused).
+  absl::Duration round_trip = absl::ZeroDuration();
+  if (flush && !opt.postcopy) {
+    absl::Time t = absl::Now();
+    if (absl::Status s = flush_streams(); !s.ok()) return s;
+    round_trip = absl::Now() - t;
+  }
   sent_ = DirtySet::ForMemory(mem_);
   unsent_ = DirtySet::ForMemory(mem_);
   nonzero_ = DirtySet::ForMemory(mem_);
@@ -561,7 +581,9 @@ absl::Status MigrationSource::Session::Run() {
     if (o_->postcopy_requested_.load()) return RunPostcopy(*control, true, iteration, dirty);
     fresh.ClearAll();
     DirtySyncStats sync_stats;
+    const absl::Time sync_start = absl::Now();
     if (absl::Status s = tracker.Sync(fresh, &sync_stats); !s.ok()) return s;
+    const absl::Duration sync_time = absl::Now() - sync_start;
     if (hints_) hints_->ClearDirty(fresh);  // written since their hint: send them
     dirty.Or(fresh);
     absl::Time now = absl::Now();
@@ -573,7 +595,8 @@ absl::Status MigrationSource::Session::Run() {
     const uint64_t rate = adaptive_ ? effective_bandwidth : bandwidth;
     absl::Duration expected =
         rate == 0 ? absl::InfiniteDuration()
-                  : absl::Seconds(static_cast<double>(remaining * kPageSize) / rate);
+                  : absl::Seconds(static_cast<double>(remaining * kPageSize) / rate) +
+                        2 * round_trip + sync_time;
     if (adaptive_ && iteration > 0) {
       IterationMetrics m;
       m.set_iteration(iteration);
@@ -627,6 +650,10 @@ absl::Status MigrationSource::Session::Run() {
     absl::Time t0 = absl::Now();
     uint64_t b0 = bytes_sent_, p0 = pages_sent_ - zero_pages_;
     if (absl::Status s = SendPages(dirty, iteration); !s.ok()) return s;
+    // Until the destination holds the pass: what still sits in socket buffers or a shaped
+    // link's queue belongs to this pass's time, not to the next one (or to the downtime).
+    if (flush)
+      if (absl::Status s = flush_streams(); !s.ok()) return s;
     double secs = std::max(1e-6, absl::ToDoubleSeconds(absl::Now() - t0));
     uint64_t sent = bytes_sent_ - b0;
     if (sent > 0) bandwidth = static_cast<uint64_t>(sent / secs);

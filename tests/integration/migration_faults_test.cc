@@ -644,6 +644,46 @@ TEST_F(RawMigrationClientTest, PageCountMismatchIsDataLoss) {
   ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "received 2 pages");
 }
 
+// Flush (pre-copy barrier): answered once the stream delivered the pages, and a Flush naming
+// the wrong number of page streams fails the migration with a clear error.
+TEST_F(RawMigrationClientTest, FlushIsAnsweredOnceThePagesArrived) {
+  REQUIRE_KVM();
+  auto c = OpenControl();
+  SourceMessage m;
+  *m.mutable_header() = ValidHeader("mig-flush");
+  ASSERT_TRUE(c->rw->Write(m));
+  DestinationMessage reply;
+  ASSERT_TRUE(c->rw->Read(&reply) && reply.has_accepted()) << ReadFileOrEmpty(dir_.File("dst.err"));
+  EXPECT_TRUE(reply.accepted().flush()) << "destination does not offer Flush";
+  grpc::Status ps = SendPages({Batch("mig-flush"), Batch("mig-flush", {Zero(0), Raw(0x1000)})});
+  ASSERT_TRUE(ps.ok()) << ps.error_message();
+  m.Clear();
+  m.mutable_flush()->add_pages_per_stream(2);
+  ASSERT_TRUE(c->rw->Write(m));
+  ASSERT_TRUE(c->rw->Read(&reply));
+  EXPECT_TRUE(reply.has_flushed()) << reply.ShortDebugString();
+  bool ready = false;
+  grpc::Status cs = SendComplete(*c, VmState(), 2, &ready);  // empty state: refused after it
+  EXPECT_FALSE(ready);
+  ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "");
+}
+
+TEST_F(RawMigrationClientTest, FlushWithWrongStreamCountIsRefused) {
+  REQUIRE_KVM();
+  auto c = OpenControl();
+  ASSERT_TRUE(SendHeader(*c, ValidHeader("mig-flush-bad"))) << ReadFileOrEmpty(dir_.File("dst.err"));
+  SourceMessage m;
+  for (int i = 0; i < 3; ++i) m.mutable_flush()->add_pages_per_stream(0);
+  ASSERT_TRUE(c->rw->Write(m));
+  DestinationMessage reply;
+  EXPECT_FALSE(c->rw->Read(&reply) && reply.has_flushed()) << "bad Flush was answered";
+  grpc::Status cs = c->rw->Finish();
+  EXPECT_EQ(cs.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << cs.error_message();
+  EXPECT_NE(cs.error_message().find("flush names 3 page streams"), std::string::npos)
+      << cs.error_message();
+  ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "flush names 3 page streams");
+}
+
 // Extra: everything well-formed except the VM state (empty): refused, nothing runs.
 TEST_F(RawMigrationClientTest, BogusVmStateIsRefused) {
   REQUIRE_KVM();
