@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "api/address.h"
 #include "api/listen.h"
@@ -377,6 +378,37 @@ grpc::Status ApiServer::GetBalloonStats(grpc::ServerContext*, const GetBalloonSt
   absl::StatusOr<BalloonStatus> b = vm_->GetBalloonStatus();
   if (!b.ok()) return ToGrpcStatus(b.status());
   *response = std::move(*b);
+  return grpc::Status::OK;
+}
+
+grpc::Status ApiServer::AttachDevice(grpc::ServerContext*, const AttachDeviceRequest* request,
+                                     AttachDeviceResponse* response) {
+  if (!request->vm_id().empty())
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("unknown vm_id '", request->vm_id(),
+                                     "': this VMM serves one VM, leave vm_id empty"));
+  if (request->device_case() != AttachDeviceRequest::kVfioUser)
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        "no device given (AttachDeviceRequest.vfio_user)");
+  if (request->vfio_user().socket().empty())
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "vfio_user.socket is required");
+  // Held for the whole attach: no migration can start meanwhile (StartMigration takes mu_).
+  absl::MutexLock lock(&mu_);
+  if (vm_ == nullptr) return NoVm(shutdown_requested_, "attach a device");
+  if (shutdown_requested_)
+    return FailedPrecondition("cannot attach a device: the VMM is shutting down");
+  if (migration_ != nullptr && !migration_->done())
+    return FailedPrecondition(
+        "cannot attach a device while a migration is running (the destination would not have "
+        "it); wait for it to end or CancelMigration");
+  if (migration_ != nullptr && migration_->progress().phase() == MIGRATION_COMPLETED)
+    return FailedPrecondition("cannot attach a device: the VM has been migrated away");
+  if (vm_->state() == RunState::kExited)
+    return FailedPrecondition("cannot attach a device: the VM state is EXITED");
+  absl::StatusOr<uint8_t> slot = vm_->AttachVfioUser(request->vfio_user());
+  if (!slot.ok()) return ToGrpcStatus(slot.status());
+  response->set_pci_slot(*slot);
+  response->set_pci_address(absl::StrFormat("0000:00:%02x.0", *slot));
   return grpc::Status::OK;
 }
 

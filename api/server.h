@@ -67,6 +67,8 @@ class ApiServer final : public Vmm::WithCallbackMethod_Shutdown<Vmm::Service> {
   grpc::Status GetBalloonStats(grpc::ServerContext* context,
                                const GetBalloonStatsRequest* request,
                                BalloonStatus* response) override;
+  grpc::Status AttachDevice(grpc::ServerContext* context, const AttachDeviceRequest* request,
+                            AttachDeviceResponse* response) override;
   grpc::Status StartMigration(grpc::ServerContext* context, const StartMigrationRequest* request,
                               StartMigrationResponse* response) override;
   grpc::Status CancelMigration(grpc::ServerContext* context, const CancelMigrationRequest* request,

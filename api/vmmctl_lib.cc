@@ -51,6 +51,7 @@ constexpr struct {
     {Command::kBalloon, "balloon"},
     {Command::kBalloonStats, "balloon-stats"},
     {Command::kMigrateRecover, "migrate-recover"},
+    {Command::kAttach, "attach"},
 };
 
 // "create, boot, ..., receive" for error messages.
@@ -89,7 +90,7 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
               {"--vcpus", true},      {"--memory", true},         {"--serial", true},
               {"--test-guest", true}, {"--test-guest-args", true}, {"--rng", false},
               {"--disk", true},       {"--net", true},            {"--balloon", true},
-              {"--vsock", true},      {"--vfio-user", true}};
+              {"--vsock", true},      {"--vfio-user", true},      {"--vfio", true}};
     case Command::kInfo:
     case Command::kMigrateStatus:
       return {{"--json", false}};
@@ -108,6 +109,8 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
       return {{"--target", true}};
     case Command::kBalloonStats:
       return {{"--json", false}};
+    case Command::kAttach:
+      return {{"--vfio-user", true}};
     default:
       return {};
   }
@@ -491,7 +494,16 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
     } else if (name == "--vfio-user") {
       absl::StatusOr<VfioUserConfig> v = ParseVfioUserSpec(*value);
       if (!v.ok()) return UsageError(std::string(v.status().message()));
-      *options.config.add_vfio_user() = *v;
+      if (*options.command == Command::kAttach) {
+        *options.attach.mutable_vfio_user() = *v;
+      } else {
+        *options.config.add_vfio_user() = *v;
+      }
+    } else if (name == "--vfio") {
+      // Not made absolute: a sysfs path is absolute already, a bare "DDDD:BB:DD.F" is no file.
+      absl::StatusOr<VfioConfig> v = ParseVfioSpec(*value);
+      if (!v.ok()) return UsageError(std::string(v.status().message()));
+      *options.config.add_vfio() = *v;
     } else if (name == "--no-wait") {
       options.no_wait = true;
     }
@@ -508,6 +520,10 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
   if (*options.command == Command::kCreate) {
     if (!vcpus_set) options.config.set_vcpus(kDefaultVcpus);
     if (!memory_set) options.config.set_memory_mib(kDefaultMemoryMib);
+  }
+  if (*options.command == Command::kAttach && !options.attach.has_vfio_user()) {
+    return UsageError(absl::StrCat("missing --vfio-user SOCKET (the device to attach)",
+                                   HelpHint(options.command)));
   }
   if (*options.command == Command::kBalloon && !options.balloon_target_mib.has_value()) {
     return UsageError(absl::StrCat("missing --target SIZE", HelpHint(options.command)));
@@ -588,6 +604,14 @@ ReceiveMigrationRequest BuildReceiveMigrationRequest(const ReceiveMigrationReque
   return request;
 }
 
+AttachDeviceRequest BuildAttachDeviceRequest(const AttachDeviceRequest& flags,
+                                             absl::string_view cwd) {
+  AttachDeviceRequest request = flags;
+  if (request.has_vfio_user())
+    request.mutable_vfio_user()->set_socket(Absolute(request.vfio_user().socket(), cwd));
+  return request;
+}
+
 CreateVmRequest BuildCreateVmRequest(const VmConfig& config, absl::string_view cwd) {
   CreateVmRequest request;
   VmConfig* c = request.mutable_config();
@@ -638,12 +662,13 @@ std::string GeneralHelp() {
       "  receive           make a VMM without a VM wait for an incoming migration\n"
       "  balloon           set the virtio-balloon target (memory taken from the guest)\n"
       "  balloon-stats     show the balloon and the guest's memory statistics\n"
+      "  attach            hot-plug a device into the VM (PCI hotplug)\n"
       "\n",
       CommandHelp(Command::kCreate), "\n", CommandHelp(Command::kInfo), "\n",
       CommandHelp(Command::kMigrate), "\n", CommandHelp(Command::kMigratePostcopy), "\n",
       CommandHelp(Command::kMigrateCancel), "\n",
       CommandHelp(Command::kMigrateStatus), "\n", CommandHelp(Command::kMigrateRecover), "\n",
-      CommandHelp(Command::kReceive),
+      CommandHelp(Command::kReceive), "\n", CommandHelp(Command::kAttach),
       "\n"
       "exit status: 0 success, 1 the call failed (printed as 'vmmctl: CODE: message') or the\n"
       "migration did not complete, 2 bad command line.\n");
@@ -747,6 +772,14 @@ std::string CommandHelp(Command command) {
              "plus the live rates while it runs. Exit status 0 whatever its phase.\n"
              "  --json                  print the MigrationProgress message as JSON (proto\n"
              "                          field names)\n";
+    case Command::kAttach:
+      return "vmmctl --socket PATH attach --vfio-user SOCKET: hot-plug a vfio-user PCI function\n"
+             "into the VM (created, running or paused) through AttachDevice; prints its PCI\n"
+             "address. The guest is told by an ACPI hotplug event (Linux: acpiphp). Refused\n"
+             "while a migration runs, when the socket is already attached or no slot is free.\n"
+             "Hot-unplug/eject is not supported.\n"
+             "  --vfio-user SOCKET      the vfio-user server's unix socket (a relative path is\n"
+             "                          made absolute here). Required.\n";
     case Command::kBalloon:
       return "vmmctl --socket PATH balloon --target SIZE: ask the guest's balloon driver to\n"
              "give SIZE (MiB, or with suffix M/G) of its memory back to the host (SetBalloon);\n"
@@ -795,12 +828,18 @@ std::string FormatVmInfo(const VmInfo& info) {
   absl::StrAppendFormat(&out, "serial:      %s\n", SerialText(c.serial()));
   if (!info.migration_note().empty())
     absl::StrAppendFormat(&out, "migration:   %s\n", info.migration_note());
-  int vfio_user = 0;
+  int vfio_user = 0, vfio = 0;
   for (const DeviceStatus& d : info.devices()) {
     if (d.kind() == "vfio-user") {  // not virtio: no status register or kicks
       const int i = vfio_user++;
       absl::StrAppendFormat(&out, "device:      vfio-user at %s (%s)\n", d.pci_address(),
                             i < c.vfio_user_size() ? c.vfio_user(i).socket() : "?");
+      continue;
+    }
+    if (d.kind() == "vfio") {  // kernel VFIO passthrough
+      const int i = vfio++;
+      absl::StrAppendFormat(&out, "device:      vfio at %s (%s)\n", d.pci_address(),
+                            i < c.vfio_size() ? c.vfio(i).sysfs_path() : "?");
       continue;
     }
     absl::StrAppendFormat(&out, "device:      virtio-%s at %s, status 0x%02x, kicks %u (%u trapped)\n",
@@ -1239,6 +1278,15 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       request.set_target_mib(*options.balloon_target_mib);
       SetBalloonResponse response;
       status = stub->SetBalloon(&context, request, &response);
+      break;
+    }
+    case Command::kAttach: {
+      AttachDeviceRequest request = BuildAttachDeviceRequest(options.attach, Cwd());
+      AttachDeviceResponse response;
+      status = stub->AttachDevice(&context, request, &response);
+      if (status.ok())
+        out << "attached vfio-user " << request.vfio_user().socket() << " at "
+            << response.pci_address() << "\n";
       break;
     }
     case Command::kBalloonStats: {

@@ -32,6 +32,7 @@ enum class Command {
   kBalloon,
   kBalloonStats,
   kMigrateRecover,
+  kAttach,
 };
 
 // "create", "boot", ..., "migrate-status", "receive" -> Command; nullopt for anything else.
@@ -58,6 +59,7 @@ struct Options {
   bool no_wait = false;             // migrate --no-wait
   ReceiveMigrationRequest receive;  // receive flags, as given
   std::optional<uint64_t> balloon_target_mib;  // balloon --target
+  AttachDeviceRequest attach;  // attach --vfio-user (socket not yet made absolute)
 };
 
 // Parses the arguments after argv[0]. Global flags (--socket, --timeout, --help) may appear
@@ -80,6 +82,10 @@ absl::StatusOr<uint64_t> ParseBandwidth(absl::string_view value);
 // made absolute against `cwd` (the VMM resolves it in its own working directory). Absolute
 // paths, unix-abstract: names and host:port addresses are returned unchanged.
 std::string AbsoluteAddress(absl::string_view address, absl::string_view cwd);
+
+// The request for `attach`: the parsed device with its socket path made absolute against `cwd`.
+AttachDeviceRequest BuildAttachDeviceRequest(const AttachDeviceRequest& flags,
+                                             absl::string_view cwd);
 
 // The requests for `migrate` and `receive`: the parsed flags with addresses (and the receive
 // serial file) made absolute against `cwd`.

@@ -38,8 +38,10 @@ Migration:
                          socket path, unix:PATH or HOST:PORT); the arriving VM then runs here.
                          --serial sets where its console goes; --disk/--net/--vsock, if given,
                          are this host's backends for the VM's disks/nets/vsock (same count and
-                         order; the guest-visible settings come from the source). Exit 75 if the
-                         migration fails.
+                         order; the guest-visible settings come from the source). A VM with
+                         passthrough devices needs one --vfio-user SOCKET (its own device
+                         server here) / --vfio PATH per device, in the source's order. Exit 75
+                         if the migration fails.
                          (The source side is the API call StartMigration: vmmctl migrate.)
 
 Control:
@@ -120,7 +122,8 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
                                    "--test-guest-args", "--vcpus", "--memory", "--serial",
                                    "--api-socket", "--log-level", "--incoming",
                                    "--dirty-tracking", "--prefill", "--tls-cert", "--tls-key", "--tls-ca",
-                                   "--disk", "--net", "--balloon", "--vsock", "--vfio-user"};
+                                   "--disk", "--net", "--balloon", "--vsock", "--vfio-user",
+                                   "--vfio"};
     bool known = false;
     for (const char* k : kKnown) known |= flag == k;
     if (!known)
@@ -185,6 +188,10 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
       auto v = ParseVfioUserSpec(value);
       if (!v.ok()) return v.status();
       *o.config.add_vfio_user() = *v;
+    } else if (flag == "--vfio") {
+      auto v = ParseVfioSpec(value);
+      if (!v.ok()) return v.status();
+      *o.config.add_vfio() = *v;
     } else if (flag == "--prefill") {
       o.config.set_prefill(value);
     } else if (flag == "--tls-cert") {
@@ -208,13 +215,10 @@ absl::StatusOr<VmmOptions> ParseVmmArgs(const std::vector<std::string>& args) {
     if (o.has_vm)
       return absl::InvalidArgumentError(
           "--incoming receives the guest from a migration: do not give --kernel/--test-guest");
-    if (o.config.vfio_user_size() > 0)
-      return absl::InvalidArgumentError(
-          "--incoming: VMs with a vfio-user device cannot be migrated yet (no --vfio-user here)");
     if (o.config.rng() || o.config.has_balloon())
       return absl::InvalidArgumentError(
           "--incoming: --rng/--balloon come from the migrating VM's configuration; give only "
-          "--disk/--net/--vsock backends here");
+          "--disk/--net/--vsock/--vfio-user/--vfio backends here");
     return o;
   }
   if (!o.has_vm && o.api_socket.empty())

@@ -213,6 +213,16 @@ absl::StatusOr<VfioUserConfig> ParseVfioUserSpec(const std::string& spec) {
   return v;
 }
 
+absl::StatusOr<VfioConfig> ParseVfioSpec(const std::string& spec) {
+  // Like --vfio-user: the value is taken whole unless it starts with "path=".
+  VfioConfig v;
+  v.set_sysfs_path(spec.rfind("path=", 0) == 0 ? spec.substr(5) : spec);
+  if (v.sysfs_path().empty())
+    return absl::InvalidArgumentError("bad --vfio '" + spec +
+                                      "': needs a PCI device (/sys/bus/pci/devices/DDDD:BB:DD.F)");
+  return v;
+}
+
 const char* DeviceFlagsHelp() {
   return R"(Devices (virtio over PCI with MSI-X; each problem is reported before the guest boots):
   --rng                  virtio-rng (entropy from getrandom)
@@ -228,7 +238,13 @@ const char* DeviceFlagsHelp() {
                          "CONNECT <port>\n"; guest connections to port P reach PATH_P)
   --vfio-user SOCKET     a PCI function served by a vfio-user device server listening on the
                          unix socket SOCKET (BARs trapped, MSI-X via KVM, DMA to guest RAM);
-                         repeatable. VMs with one cannot be live-migrated yet
+                         repeatable. Live migration needs the device to support VFIO
+                         migration (its state and DMA dirty log travel); post-copy also needs a
+                         DMA model of its class (devices/vfio/pci/dma_footprint.h)
+  --vfio PATH            a host PCI function bound to vfio-pci, passed through with kernel
+                         VFIO: PATH = /sys/bus/pci/devices/DDDD:BB:DD.F (mappable BARs mapped
+                         into the guest, MSI-X and INTx via KVM, all guest RAM DMA-mapped);
+                         repeatable. Live migration as for --vfio-user
 
 )";
 }

@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <fstream>
@@ -19,6 +20,8 @@
 #include "absl/strings/strip.h"
 #include "devices/legacy/i8042.h"
 #include "devices/legacy/serial.h"
+#include "devices/vfio/kernel/kernel_vfio_device.h"
+#include "devices/vfio/pci/dma_footprint.h"
 #include "devices/vfio/pci/vfio_pci_device.h"
 #include "devices/vfio/user/client.h"
 #include "devices/virtio/pci_transport.h"
@@ -31,6 +34,7 @@
 #include "vmm/pci/msix.h"
 #include "vmm/pci/bar_allocator.h"
 #include "vmm/pci/gsi_router.h"
+#include "vmm/pci/hotplug.h"
 #include "vmm/pci/pci_root.h"
 #include "tests/guest/embedded.h"
 #include "vmm/base/log.h"
@@ -44,6 +48,7 @@
 #include "vmm/kvm/kvm.h"
 #include "vmm/memory/guest_memory.h"
 #include "vmm/throttle.h"
+#include "vmm/vfio/kvm_glue.h"
 #include "vmm/vcpu.h"
 
 namespace microvmm {
@@ -59,6 +64,12 @@ const char* RunStateName(RunState s) {
 }
 
 Vm::~Vm() = default;
+
+namespace {
+std::atomic<vfio::VfioSys*> g_vfio_sys_for_testing{nullptr};
+}  // namespace
+
+void SetVfioSysForTesting(vfio::VfioSys* sys) { g_vfio_sys_for_testing.store(sys); }
 
 namespace {
 
@@ -169,7 +180,10 @@ class VmImpl : public Vm {
     absl::Time end = state_ == RunState::kExited ? exit_time_ : absl::Now();
     return end - boot_time_;
   }
-  const VmConfig& config() const override { return config_; }
+  VmConfig config() const override {
+    std::lock_guard lock(devices_mu_);
+    return config_;
+  }
   absl::StatusOr<VmState> SaveState() override;
   absl::Status RestoreState(const VmState& state) override;
   GuestMemory& memory() override { return *mem_; }
@@ -240,6 +254,14 @@ class VmImpl : public Vm {
     return migration_note_;
   }
   std::vector<DeviceStatus> DeviceStatuses() const override;
+  absl::StatusOr<uint8_t> AttachVfioUser(const VfioUserConfig& config) override;
+  absl::StatusOr<int> StartPassthroughMigration() override;
+  absl::StatusOr<uint64_t> SyncPassthroughMigration(migration::DirtySet& dirty) override;
+  absl::Status StopPassthroughDevices(migration::DirtySet& dirty) override;
+  void CancelPassthroughMigration() override;
+  int passthrough_devices() const override { return static_cast<int>(Passthrough().size()); }
+  absl::Status CheckPassthroughPostcopy() const override;
+  absl::Status SetPassthroughPostcopy(EnsurePresentFn ensure) override;
   absl::Status SetBalloonTarget(uint64_t target_mib) override;
   absl::StatusOr<BalloonStatus> GetBalloonStatus() override;
   absl::StatusOr<uint32_t> StartFreePageHints(virtio::FreePageHintSink* sink) override {
@@ -275,8 +297,27 @@ class VmImpl : public Vm {
  private:
   absl::Status SetupDevices();
   absl::Status SetupVirtioDevices();
+  // The ACPI hotplug register block + GED interrupt, for the slots still free.
+  absl::Status SetupPciHotplug();
   // vfio-user PCI functions (config_.vfio_user), after the virtio devices on the bus.
   absl::Status SetupVfioUserDevices();
+  // Kernel VFIO PCI functions (config_.vfio), after the vfio-user ones.
+  absl::Status SetupVfioKernelDevices();
+  // Every passthrough PCI function (kernel VFIO and vfio-user), by PCI slot: the order of
+  // VmState.vfio_devices at both ends of a migration.
+  struct PassthroughRef {
+    const char* kind;  // "vfio" or "vfio-user"
+    std::string what;  // sysfs path or socket, for errors
+    vfio::VfioPciDevice* device;
+    uint8_t slot;
+  };
+  std::vector<PassthroughRef> Passthrough() const;
+  // Reads DMA dirty logs of the migrating functions into `dirty`.
+  absl::Status SyncPassthroughDirty(migration::DirtySet& dirty);
+  // Post-copy: makes the guest-RAM parts of `ranges` present with `ensure`, retrying while the
+  // pages cannot come (source away) until they do or the VM exits.
+  void EnsureDmaTargets(const EnsurePresentFn& ensure, const std::vector<vfio::DmaRange>& ranges,
+                        const std::string& who);
   // Puts `dev` on the PCI bus behind a virtio-pci transport with one MSI-X vector per queue
   // plus one for configuration changes.
   absl::Status AddVirtio(const std::string& kind, std::unique_ptr<virtio::VirtioDevice> dev);
@@ -305,6 +346,10 @@ class VmImpl : public Vm {
   std::unique_ptr<pci::GsiRouter> gsi_router_;
   // Device work off the vCPU threads (ioeventfds, backends). Outlives the devices.
   std::unique_ptr<EventLoop> loop_;
+  // Kernel VFIO: direct BAR maps as memslots, INTx as resampling irqfds. Before the devices
+  // that use them (destroyed after them).
+  std::unique_ptr<MemslotBarMapper> vfio_bar_mapper_;
+  std::unique_ptr<KvmIntxRouter> vfio_intx_router_;
   struct VirtioSlot {
     std::string kind;  // "rng", "blk", "net", "balloon", "vsock"
     std::unique_ptr<virtio::VirtioDevice> device;
@@ -318,6 +363,26 @@ class VmImpl : public Vm {
     uint8_t pci_slot = 0;
   };
   std::vector<VfioUserSlot> vfio_user_;  // DMA-mapped into mem_ until destroyed (Detach)
+  struct VfioKernelSlot {
+    std::string sysfs_path;
+    std::shared_ptr<vfio::VfioPciDevice> device;  // shared with pci_
+    uint8_t pci_slot = 0;
+  };
+  std::vector<VfioKernelSlot> vfio_;  // config_.vfio; fixed after Build
+  // Passthrough migration (source): the functions taking part, and the device state each
+  // returned at StopPassthroughDevices (by the same index), for SaveState. Destination: the
+  // functions RestoreState left stopped, run at Boot().
+  std::vector<PassthroughRef> pt_migrating_;
+  std::vector<std::string> pt_blobs_;
+  std::vector<vfio::VfioPciDevice*> pt_restored_;
+  // Post-copy (destination): how to make guest pages present for passthrough DMA.
+  EnsurePresentFn pt_ensure_;
+  // PCI hotplug (AttachVfioUser). devices_mu_ guards what hot-attach appends to while others
+  // read: vfio_user_ and config_.vfio_user. attach_mu_ serializes attaches.
+  mutable std::mutex devices_mu_;
+  std::mutex attach_mu_;
+  std::shared_ptr<pci::PciHotplugController> hotplug_;  // also on pio_
+  uint32_t hotplug_slots_ = 0;  // slots free after SetupDevices: ACPI hotplug objects exist
   virtio::VirtioBalloon* balloon_ = nullptr;  // in virtio_, if configured
   std::unique_ptr<pci::PciRootBus> pci_;
   // The buses hold shared_ptrs to devices (and PCI window dispatchers): declared after everything
@@ -476,7 +541,9 @@ absl::Status VmImpl::SetupDevices() {
   pci_->set_reset_callback([this] { RequestExit(kExitOk, "guest reset via port 0xCF9"); });
   if (absl::Status s = SetupVirtioDevices(); !s.ok()) return s;
   if (absl::Status s = SetupVfioUserDevices(); !s.ok()) return s;
+  if (absl::Status s = SetupVfioKernelDevices(); !s.ok()) return s;
   if (absl::Status s = pci_->Attach(pio_, mmio_); !s.ok()) return s;
+  if (absl::Status s = SetupPciHotplug(); !s.ok()) return s;
   for (VirtioSlot& v : virtio_)
     if (absl::Status s = v.pci->EnableIoEventFds(&*vm_, loop_.get()); !s.ok()) return s;
   i8042_ = std::make_shared<I8042>([this] { RequestExit(kExitOk, "guest reset via i8042"); });
@@ -532,9 +599,16 @@ std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
     }
     out.push_back(std::move(d));
   }
+  std::lock_guard lock(devices_mu_);
   for (const VfioUserSlot& v : vfio_user_) {
     DeviceStatus d;
     d.set_kind("vfio-user");
+    d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
+    out.push_back(std::move(d));
+  }
+  for (const VfioKernelSlot& v : vfio_) {
+    DeviceStatus d;
+    d.set_kind("vfio");
     d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
     out.push_back(std::move(d));
   }
@@ -672,12 +746,141 @@ absl::Status VmImpl::SetupVfioUserDevices() {
     auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
     if (!pci.ok()) return fail(pci.status());
     // iova = gpa over all guest RAM. Writes by the server into guest RAM bypass the VMM's dirty
-    // tracking: migration of such a VM is refused (MigrationSource::Start).
+    // tracking: migration reads the device's DMA dirty log (StartPassthroughMigration).
     if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
-    auto at = pci_->AddDevice(*pci);
+    // A function hot-attached to the source of a migration keeps its slot here.
+    const uint32_t fixed = config_.vfio_user(i).pci_slot();
+    absl::StatusOr<uint8_t> at;
+    if (fixed != 0) {
+      if (fixed >= pci::kDevicesPerBus)
+        return fail(absl::InvalidArgumentError(absl::StrCat("PCI slot ", fixed, " out of range")));
+      absl::Status s = pci_->AddDevice(static_cast<uint8_t>(fixed), 0, *pci);
+      at = s.ok() ? absl::StatusOr<uint8_t>(static_cast<uint8_t>(fixed)) : s;
+    } else {
+      at = pci_->AddDevice(*pci);
+    }
     if (!at.ok()) return fail(at.status());
     vfio_user_.push_back({socket, std::move(*pci), *at});
     LOG_INFO("vfio-user device %d (%s) at 0000:00:%02x.0", i, socket, *at);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status VmImpl::SetupPciHotplug() {
+  for (uint8_t d = 1; d < pci::kDevicesPerBus; ++d)
+    if (pci_->device(d, 0) == nullptr) hotplug_slots_ |= 1u << d;
+  KvmVm* vm = &*vm_;
+  hotplug_ = std::make_shared<pci::PciHotplugController>([vm](bool level) {
+    if (absl::Status s = vm->IrqLine(pci::kPciHotplugGsi, level); !s.ok())
+      LOG_WARN_RATELIMITED("PCI hotplug interrupt: %s", s.message());
+  });
+  return pio_.Insert(hotplug_, pci::kPciHotplugIoBase, pci::kPciHotplugIoLen);
+}
+
+absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
+  std::lock_guard attach(attach_mu_);
+  if (state() == RunState::kExited)
+    return absl::FailedPreconditionError("cannot attach a device: the VM has exited");
+  const std::string& socket = c.socket();
+  if (socket.empty()) return absl::InvalidArgumentError("vfio-user: no socket path");
+  // The same server twice would be one device seen twice (as ValidateDeviceConfig refuses).
+  auto key = [](const std::string& path) {
+    char* real = ::realpath(path.c_str(), nullptr);
+    std::string k = real != nullptr ? real : path;
+    ::free(real);
+    return k;
+  };
+  {
+    std::lock_guard lock(devices_mu_);
+    for (const VfioUserConfig& v : config_.vfio_user())
+      if (key(v.socket()) == key(socket))
+        return absl::AlreadyExistsError(
+            absl::StrCat("vfio-user socket '", socket, "' is already attached to this VM"));
+  }
+  // Only slots the DSDT describes are hotpluggable (a guest running AML could not see others).
+  uint8_t slot = 0;
+  for (uint8_t d = 1; d < pci::kDevicesPerBus && slot == 0; ++d)
+    if ((hotplug_slots_ & (1u << d)) && pci_->device(d, 0) == nullptr) slot = d;
+  if (slot == 0)
+    return absl::ResourceExhaustedError("no free hotpluggable PCI slot on bus 0");
+  auto fail = [&](const absl::Status& s, absl::string_view what = "") {
+    absl::string_view msg = s.message();
+    absl::ConsumePrefix(&msg, absl::StrCat("vfio-user:", socket, ": "));
+    return absl::Status(s.code(), absl::StrFormat("vfio-user %s: %s%s", socket, what, msg));
+  };
+  auto dev = vfio_user::VfioUserDevice::Connect(socket);
+  if (!dev.ok()) {
+    if (absl::IsDeadlineExceeded(dev.status()) || absl::IsDataLoss(dev.status()))
+      return fail(dev.status(), "not a vfio-user server (version handshake failed): ");
+    return fail(dev.status());
+  }
+  vfio::VfioPciOptions o;
+  o.gsi_router = gsi_router_.get();
+  // From here on, an error destroys `pci`: ~VfioPciDevice detaches DMA and interrupts.
+  auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
+  if (!pci.ok()) return fail(pci.status());
+  if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+  // The commit point: one config-cycle-locked insertion; vCPUs see the slot empty or complete.
+  if (absl::Status s = pci_->AddDevice(slot, 0, *pci); !s.ok()) return fail(s);
+  {
+    std::lock_guard lock(devices_mu_);
+    vfio_user_.push_back({socket, std::move(*pci), slot});
+    VfioUserConfig* added = config_.add_vfio_user();
+    *added = c;
+    added->set_pci_slot(slot);  // a migration destination puts it at the same slot
+  }
+  hotplug_->SlotAdded(slot);
+  LOG_INFO("vfio-user device (%s) hot-attached at 0000:00:%02x.0", socket, slot);
+  return slot;
+}
+
+absl::Status VmImpl::SetupVfioKernelDevices() {
+  if (config_.vfio_size() == 0) return absl::OkStatus();
+  vfio::VfioSys* sys = g_vfio_sys_for_testing.load();
+  if (sys == nullptr) sys = &vfio::VfioSys::Real();
+  // Memslot ids above any RAM slot (RamSlot(i) = i; GuestMemory has a handful of regions).
+  constexpr uint32_t kFirstBarMemslot = 256;
+  vfio_bar_mapper_ = MemslotBarMapper::ForVm(*vm_, kFirstBarMemslot);
+  vfio_intx_router_ = std::make_unique<KvmIntxRouter>(*vm_);
+  for (int i = 0; i < config_.vfio_size(); ++i) {
+    const std::string& path = config_.vfio(i).sysfs_path();
+    auto fail = [&](const absl::Status& s) {
+      return absl::Status(s.code(),
+                          absl::StrFormat("vfio device %d (%s): %s", i, path, s.message()));
+    };
+    // Missing device, wrong driver, non-viable group, busy: KernelVfioDevice says which.
+    auto dev = vfio::OpenKernelVfioDevice(path, *sys);
+    if (!dev.ok()) return fail(dev.status());
+    // The slot is chosen first: the INTx GSI depends on it (the DSDT's _PRT, PciIntxGsi).
+    uint8_t slot = 0;
+    for (uint8_t d = 1; d < pci::kDevicesPerBus && slot == 0; ++d)
+      if (pci_->device(d, 0) == nullptr) slot = d;
+    if (slot == 0) return fail(absl::ResourceExhaustedError("no free PCI slot on bus 0"));
+    uint8_t pin = 0;  // the function's interrupt pin register (0: no INTx, 1..4: INTA#..INTD#)
+    if (absl::Status s = (*dev)->RegionRead(vfio::kConfigRegionIndex, pci::kRegInterruptPin,
+                                            std::span<uint8_t>(&pin, 1));
+        !s.ok())
+      return fail(s);
+    vfio::VfioPciOptions o;
+    o.gsi_router = gsi_router_.get();
+    o.bar_mapper = vfio_bar_mapper_.get();
+    if (pin >= 1 && pin <= 4) {
+      o.intx_router = vfio_intx_router_.get();
+      o.intx_gsi = PciIntxGsi(slot, pin - 1);
+    }
+    auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
+    if (!pci.ok()) return fail(pci.status());
+    // iova = gpa over all guest RAM (the kernel pins it). Device writes bypass the VMM's dirty
+    // tracking (KVM never sees them).
+    if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+    if (absl::Status s = pci_->AddDevice(slot, 0, *pci); !s.ok()) return fail(s);
+    const bool intx = (*pci)->intx_trigger_fd() >= 0;  // pin set and the device offers INTx
+    vfio_.push_back({path, std::move(*pci), slot});
+    if (intx)
+      LOG_INFO("vfio device %d (%s) at 0000:00:%02x.0, INT%c# on GSI %d", i, path, slot,
+               'A' + pin - 1, o.intx_gsi);
+    else
+      LOG_INFO("vfio device %d (%s) at 0000:00:%02x.0, no INTx", i, path, slot);
   }
   return absl::OkStatus();
 }
@@ -690,6 +893,7 @@ absl::Status VmImpl::LoadGuest() {
   AcpiConfig acpi;
   acpi.num_vcpus = config_.vcpus();
   acpi.pci_windows = pci_->windows();
+  acpi.sb_aml = pci::BuildPciHotplugAml(hotplug_slots_);
   auto rsdp = WriteAcpiTables(*mem_, acpi);
   if (!rsdp.ok()) return rsdp.status();
   if (!config_.kernel().empty()) {
@@ -826,6 +1030,16 @@ absl::Status VmImpl::CheckState(RunState want, const char* op) const {
 absl::Status VmImpl::Boot() {
   std::lock_guard lock(mu_);
   if (absl::Status s = CheckState(RunState::kCreated, "boot"); !s.ok()) return s;
+  // Passthrough functions restored from a migration run first, their interrupts connected.
+  for (vfio::VfioPciDevice* d : pt_restored_) {
+    // Post-copy: what the restored state will DMA must be here before the device runs.
+    if (pt_ensure_ && d->dma_model() != nullptr)
+      EnsureDmaTargets(pt_ensure_, d->dma_model()->AtRun(), d->name());
+    auto m = d->migration();
+    absl::Status s = m.ok() ? (*m)->Run() : m.status();
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat(d->name(), ": ", s.message()));
+  }
+  pt_restored_.clear();
   boot_time_ = absl::Now();
   state_ = RunState::kRunning;
   for (auto& v : vcpus_) v->Start();
@@ -886,7 +1100,7 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
         absl::StrFormat("cannot save state: VM is %s (needs PAUSED)", RunStateName(state_)));
   VmState st;
   st.set_format_version(kStateFormatVersion);
-  *st.mutable_config() = config_;
+  *st.mutable_config() = config();  // locked: AttachVfioUser appends to it
   for (auto& v : vcpus_) {
     KvmVcpu& k = v->kvm();
     VcpuState* vs = st.add_vcpus();
@@ -939,6 +1153,21 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
     VirtioDeviceState* d = st.add_virtio_devices();
     d->set_kind(v.kind);
     *d->mutable_transport() = v.pci->SaveState();
+  }
+  // A passthrough function's state lives in the device: only a stop-and-copy reads it.
+  std::vector<PassthroughRef> pt = Passthrough();
+  if (!pt.empty() && pt_blobs_.size() != pt.size())
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "cannot save state: the %s device %s was not stopped for migration (its state is read "
+        "only by a migration's stop-and-copy)", pt[0].kind, pt[0].what));
+  for (size_t i = 0; i < pt.size(); ++i) {
+    VfioDeviceState* d = st.add_vfio_devices();
+    d->set_kind(pt[i].kind);
+    d->set_slot(pt[i].slot);
+    const std::string& blob = pt_blobs_[i];
+    if (!d->mutable_pci()->ParseFromString(pt[i].device->SaveState(std::span<const uint8_t>(
+            reinterpret_cast<const uint8_t*>(blob.data()), blob.size()))))
+      return absl::InternalError(absl::StrCat(pt[i].what, ": device state does not parse"));
   }
   return st;
 }
@@ -1010,6 +1239,27 @@ absl::Status VmImpl::RestoreState(const VmState& st) {
       return absl::InvalidArgumentError(
           absl::StrFormat("virtio-%s state: %s", d.kind(), s.message()));
   }
+  std::vector<PassthroughRef> pt = Passthrough();
+  if (static_cast<size_t>(st.vfio_devices_size()) != pt.size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "saved state has %d passthrough devices, this VM has %d", st.vfio_devices_size(),
+        pt.size()));
+  for (size_t i = 0; i < pt.size(); ++i) {
+    const VfioDeviceState& d = st.vfio_devices(static_cast<int>(i));
+    if (d.kind() != pt[i].kind || d.slot() != pt[i].slot)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "saved state has a %s device at PCI slot %d, this VM has a %s device (%s) at slot %d",
+          d.kind(), d.slot(), pt[i].kind, pt[i].what, pt[i].slot));
+  }
+  for (size_t i = 0; i < pt.size(); ++i) {
+    // Loaded now (RESUMING), run at Boot() once the guest can take its interrupts.
+    if (absl::Status s = pt[i].device->RestoreState(
+            st.vfio_devices(static_cast<int>(i)).pci().SerializeAsString(), /*run=*/false);
+        !s.ok())
+      return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
+                                                 s.message()));
+    pt_restored_.push_back(pt[i].device);
+  }
   if (absl::Status s = pci_->RemapAll(); !s.ok()) return s;
   for (VirtioSlot& v : virtio_)  // notify registers at the restored BAR addresses
     if (absl::Status s = v.pci->EnableIoEventFds(&*vm_, loop_.get()); !s.ok()) return s;
@@ -1029,6 +1279,178 @@ absl::Status ValidateConfig(VmConfig& c, bool incoming);
 }
 
 absl::Status ValidateAndDefaultConfig(VmConfig& c) { return ValidateConfig(c, false); }
+
+// Pre-copy data read from a passthrough device per pass, at most (the rest waits for the next
+// pass or the stop-and-copy).
+constexpr size_t kPassthroughDrainPerPass = size_t{64} << 20;
+
+std::vector<VmImpl::PassthroughRef> VmImpl::Passthrough() const {
+  std::vector<PassthroughRef> out;
+  for (const VfioKernelSlot& v : vfio_)
+    out.push_back({"vfio", v.sysfs_path, v.device.get(), v.pci_slot});
+  {
+    std::lock_guard lock(devices_mu_);
+    for (const VfioUserSlot& v : vfio_user_)
+      out.push_back({"vfio-user", v.socket, v.device.get(), v.pci_slot});
+  }
+  std::sort(out.begin(), out.end(),
+            [](const PassthroughRef& a, const PassthroughRef& b) { return a.slot < b.slot; });
+  return out;
+}
+
+absl::StatusOr<int> VmImpl::StartPassthroughMigration() {
+  std::vector<PassthroughRef> pt = Passthrough();
+  // Every function must be able to migrate before any is touched.
+  std::vector<vfio::VfioMigrationDriver*> drivers;
+  for (const PassthroughRef& p : pt) {
+    auto m = p.device->migration();
+    if (!m.ok())
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "the VM has a %s device (%s) that cannot migrate: %s", p.kind, p.what,
+          m.status().message()));
+    drivers.push_back(*m);
+  }
+  pt_migrating_ = pt;
+  pt_blobs_.clear();
+  for (size_t i = 0; i < pt.size(); ++i) {
+    absl::Status s = drivers[i]->StartPreCopy().status();
+    if (s.ok()) s = drivers[i]->StartDirtyTracking(pt[i].device->dma_ranges());
+    if (!s.ok()) {
+      CancelPassthroughMigration();
+      return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
+                                                 s.message()));
+    }
+    LOG_INFO("migration: %s device %s: %s, DMA dirty tracking %s", pt[i].kind, pt[i].what,
+             drivers[i]->state() == vfio::MigState::kPreCopy ? "pre-copy" : "no pre-copy",
+             drivers[i]->fallback() ? "not offered (all DMA-mapped RAM counts as dirty)" : "on");
+  }
+  return static_cast<int>(pt.size());
+}
+
+absl::Status VmImpl::SyncPassthroughDirty(migration::DirtySet& dirty) {
+  for (const PassthroughRef& p : pt_migrating_) {
+    auto m = p.device->migration();
+    if (!m.ok()) return m.status();
+    absl::Status s = (*m)->SyncDirty([&](const vfio::DmaRange& r, std::span<const uint64_t> bm) {
+      const uint64_t pages = r.size / kPageSize;
+      for (size_t w = 0; w < bm.size(); ++w)
+        for (uint64_t bits = bm[w]; bits != 0; bits &= bits - 1) {
+          const uint64_t page = w * 64 + static_cast<uint64_t>(__builtin_ctzll(bits));
+          if (page < pages) dirty.Set(r.iova + page * kPageSize);
+        }
+    });
+    if (!s.ok())
+      return absl::Status(s.code(), absl::StrCat(p.kind, " device ", p.what, ": ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint64_t> VmImpl::SyncPassthroughMigration(migration::DirtySet& dirty) {
+  uint64_t bytes = 0;
+  for (const PassthroughRef& p : pt_migrating_) {
+    auto m = p.device->migration();
+    if (!m.ok()) return m.status();
+    if ((*m)->state() != vfio::MigState::kPreCopy) continue;
+    auto n = (*m)->DrainPreCopy(kPassthroughDrainPerPass);
+    if (!n.ok())
+      return absl::Status(n.status().code(),
+                          absl::StrCat(p.kind, " device ", p.what, ": ", n.status().message()));
+    bytes += *n;
+  }
+  if (absl::Status s = SyncPassthroughDirty(dirty); !s.ok()) return s;
+  return bytes;
+}
+
+absl::Status VmImpl::StopPassthroughDevices(migration::DirtySet& dirty) {
+  {
+    std::lock_guard lock(mu_);
+    if (state_ != RunState::kPaused)
+      return absl::FailedPreconditionError("passthrough devices are stopped only while paused");
+  }
+  std::vector<std::string> blobs;
+  for (const PassthroughRef& p : pt_migrating_) {
+    auto m = p.device->migration();
+    if (!m.ok()) return m.status();
+    auto blob = (*m)->StopAndCopy();
+    if (!blob.ok())
+      return absl::Status(blob.status().code(), absl::StrCat(p.kind, " device ", p.what, ": ",
+                                                             blob.status().message()));
+    blobs.push_back(std::move(*blob));
+  }
+  // Stopped: no DMA follows, so this harvest is the last.
+  if (absl::Status s = SyncPassthroughDirty(dirty); !s.ok()) return s;
+  pt_blobs_ = std::move(blobs);
+  return absl::OkStatus();
+}
+
+absl::Status VmImpl::CheckPassthroughPostcopy() const {
+  for (const PassthroughRef& p : Passthrough())
+    if (p.device->dma_model() == nullptr)
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "post-copy is not possible with the %s device %s (PCI %04x:%04x): there is no DMA "
+          "model of its class, so it could DMA into guest pages that have not arrived yet "
+          "(devices/vfio/pci/dma_footprint.h); use pre-copy",
+          p.kind, p.what, p.device->config().ReadRaw(0, 2), p.device->config().ReadRaw(2, 2)));
+  return absl::OkStatus();
+}
+
+void VmImpl::EnsureDmaTargets(const EnsurePresentFn& ensure,
+                              const std::vector<vfio::DmaRange>& ranges, const std::string& who) {
+  for (const vfio::DmaRange& r : ranges) {
+    for (const GuestMemory::Region& reg : mem_->regions()) {
+      // Only guest RAM: the device cannot reach anything else through its DMA mapping.
+      const uint64_t begin = std::max(r.iova, reg.gpa);
+      const uint64_t end = std::min(r.iova + r.size, reg.gpa + reg.size);
+      if (begin >= end) continue;
+      for (int attempt = 0;; ++attempt) {
+        absl::Status s = ensure(begin, end - begin);
+        if (s.ok()) break;
+        if (!absl::IsUnavailable(s) && !absl::IsDeadlineExceeded(s)) {
+          LOG_ERROR("%s: cannot make its DMA target [0x%x, 0x%x) present: %s", who, begin, end,
+                    s.message());
+          break;
+        }
+        if (state() == RunState::kExited) return;
+        if (absl::IsUnavailable(s)) absl::SleepFor(absl::Milliseconds(100));  // source away
+        if (attempt % 10 == 0)
+          LOG_WARN("%s: waiting for its DMA target [0x%x, 0x%x): %s", who, begin, end,
+                   s.message());
+      }
+    }
+  }
+}
+
+absl::Status VmImpl::SetPassthroughPostcopy(EnsurePresentFn ensure) {
+  std::vector<PassthroughRef> pt = Passthrough();
+  if (!ensure) {
+    for (const PassthroughRef& p : pt) p.device->SetBarWriteGate(nullptr);
+    pt_ensure_ = nullptr;
+    return absl::OkStatus();
+  }
+  if (absl::Status s = CheckPassthroughPostcopy(); !s.ok()) return s;
+  pt_ensure_ = ensure;
+  for (const PassthroughRef& p : pt)
+    p.device->SetBarWriteGate(
+        [this, ensure, who = p.device->name()](const std::vector<vfio::DmaRange>& targets) {
+          EnsureDmaTargets(ensure, targets, who);
+        });
+  return absl::OkStatus();
+}
+
+void VmImpl::CancelPassthroughMigration() {
+  for (const PassthroughRef& p : pt_migrating_) {
+    auto m = p.device->migration();
+    if (!m.ok()) continue;
+    if ((*m)->dirty_tracking())
+      if (absl::Status s = (*m)->StopDirtyTracking(); !s.ok())
+        LOG_WARN("%s device %s: stopping DMA dirty tracking: %s", p.kind, p.what, s.message());
+    if (absl::Status s = (*m)->Cancel(); !s.ok())
+      LOG_ERROR("%s device %s: back to RUNNING after the migration: %s", p.kind, p.what,
+                s.message());
+  }
+  pt_migrating_.clear();
+  pt_blobs_.clear();
+}
 
 absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {
   *c.mutable_serial() = local.serial();
@@ -1058,6 +1480,20 @@ absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {
           local.vsock().guest_cid(), c.vsock().guest_cid()));
     c.mutable_vsock()->set_uds_path(local.vsock().uds_path());
   }
+  // A passthrough function is a different device instance here (its own vfio-user server or
+  // host function): never the source's, so each must be given, in the same order.
+  if (local.vfio_user_size() != c.vfio_user_size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the migrating VM has %d vfio-user devices, %d given here (each needs its own device "
+        "server at the destination: --vfio-user SOCKET, in the source's order)",
+        c.vfio_user_size(), local.vfio_user_size()));
+  for (int i = 0; i < c.vfio_user_size(); ++i)
+    c.mutable_vfio_user(i)->set_socket(local.vfio_user(i).socket());
+  if (local.vfio_size() != c.vfio_size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "the migrating VM has %d VFIO devices, %d given here (--vfio PATH of a function of the "
+        "same model, in the source's order)", c.vfio_size(), local.vfio_size()));
+  for (int i = 0; i < c.vfio_size(); ++i) *c.mutable_vfio(i) = local.vfio(i);
   return absl::OkStatus();
 }
 
@@ -1117,6 +1553,28 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
       return absl::InvalidArgumentError(absl::StrCat(
           "vfio-user device ", i, ": socket '", sock, "' is already used by another vfio-user device"));
   }
+  std::set<std::string> vfio_bdfs;
+  for (int i = 0; i < c.vfio_size(); ++i) {
+    std::string path = c.vfio(i).sysfs_path();
+    while (path.size() > 1 && path.back() == '/') path.pop_back();
+    if (path.empty())
+      return absl::InvalidArgumentError(absl::StrCat("vfio device ", i, ": no PCI device path"));
+    // One device fd per function: "/sys/bus/pci/devices/X", "/sys/devices/.../X" and "X" all
+    // name function X (the PCI address is the last path component either way).
+    std::string bdf = absl::AsciiStrToLower(path.substr(path.find_last_of('/') + 1));
+    if (!vfio_bdfs.insert(bdf).second)
+      return absl::InvalidArgumentError(absl::StrCat("vfio device ", i, ": PCI device ", bdf,
+                                                     " ('", c.vfio(i).sysfs_path(),
+                                                     "') is given twice"));
+  }
+  // Kernel VFIO pins guest RAM in the IOMMU: a page the balloon discards would stay mapped for
+  // the device while the guest's next access gets a fresh page (the two views split). vfio-user
+  // shares the memfd itself, so a discard reaches the device's mapping too.
+  if (c.vfio_size() > 0 && c.has_balloon())
+    return absl::InvalidArgumentError(
+        "a virtio-balloon cannot be used with a VFIO device: the IOMMU pins guest RAM, so pages "
+        "the balloon gives back would stay mapped for the device (drop --balloon, or use "
+        "--vfio-user)");
   if (c.has_vsock()) {
     // CIDs 0-2 are reserved (hypervisor, local, host); 2^32-1 is VMADDR_CID_ANY.
     if (c.vsock().guest_cid() < 3 || c.vsock().guest_cid() == 0xffffffffu)

@@ -25,9 +25,13 @@ namespace microvmm {
 class GuestMemory;
 namespace migration {
 class DirtyTracker;
+class DirtySet;
 }
 namespace virtio {
 class FreePageHintSink;
+}
+namespace vfio {
+class VfioSys;
 }
 
 enum class RunState { kCreated, kRunning, kPaused, kExited };
@@ -61,7 +65,8 @@ class Vm {
   virtual RunState state() const = 0;
   virtual std::optional<VmExit> exit_info() const = 0;
   virtual absl::Duration uptime() const = 0;  // since Boot(), zero before
-  virtual const VmConfig& config() const = 0;
+  // A copy: the configuration grows when a device is hot-attached (AttachVfioUser).
+  virtual VmConfig config() const = 0;
 
   // Complete vCPU / irqchip / PIT / clock / device state. Needs PAUSED (or CREATED).
   virtual absl::StatusOr<VmState> SaveState() = 0;
@@ -99,7 +104,8 @@ class Vm {
   virtual std::string migration_note() const = 0;
 
   // Devices on the PCI bus: virtio ones in configuration order, then vfio-user functions
-  // (kind "vfio-user", no virtio status/kicks) in configuration order.
+  // (kind "vfio-user", no virtio status/kicks) in configuration order, then kernel VFIO
+  // functions (kind "vfio") in configuration order.
   virtual std::vector<DeviceStatus> DeviceStatuses() const = 0;
   // virtio-balloon. FailedPrecondition if the VM has none; InvalidArgument for a target not
   // below guest RAM.
@@ -112,6 +118,49 @@ class Vm {
   virtual void StopFreePageHints() = 0;
   virtual void FinishFreePageHints() = 0;
 
+  // PCI hotplug: connects to the vfio-user server at config.socket and adds the function to a
+  // free hotpluggable slot of bus 0 while the VM is CREATED, RUNNING or PAUSED (vCPUs keep
+  // running: config cycles and BAR windows are locked by PciRootBus), with DMA over all guest
+  // RAM and MSI-X through the GSI router; then raises the ACPI hotplug event (vmm/pci/hotplug.h)
+  // and appends it to config().vfio_user. Returns the PCI device number (BDF 00:NN.0).
+  // Errors: FAILED_PRECONDITION (VM exited), ALREADY_EXISTS (socket already attached),
+  // RESOURCE_EXHAUSTED (no free slot), the connection's error (socket missing, refused, not a
+  // vfio-user server). On error nothing stays attached. Refusing during a migration is the
+  // caller's job (the API server knows about migrations).
+  virtual absl::StatusOr<uint8_t> AttachVfioUser(const VfioUserConfig& config) = 0;
+
+  // ---- Live migration of passthrough PCI functions (kernel VFIO and vfio-user) ----
+  // Source side, in this order; all from the migration thread.
+  // Start: every passthrough function must support migration (FAILED_PRECONDITION naming the
+  // first that cannot; nothing is changed then). Enters PRE_COPY where offered and starts
+  // device DMA dirty logging over its DMA-mapped RAM (all-dirty fallback, logged). Returns how
+  // many functions take part (0: none, the other calls are no-ops).
+  virtual absl::StatusOr<int> StartPassthroughMigration() = 0;
+  // Once per pass: reads the pre-copy data the devices have and ORs every page a device wrote
+  // by DMA since the last call into `dirty`. Returns the pre-copy bytes read by this call.
+  virtual absl::StatusOr<uint64_t> SyncPassthroughMigration(migration::DirtySet& dirty) = 0;
+  // PAUSED: stops every function, reads its state to EOF (kept for SaveState) and ORs the
+  // final DMA dirty pages into `dirty` (after the stop: no DMA can follow). SaveState of a VM
+  // with passthrough functions needs this first.
+  virtual absl::Status StopPassthroughDevices(migration::DirtySet& dirty) = 0;
+  // The migration ended without the destination taking over: devices back to RUNNING, DMA
+  // logging off, saved device state dropped. Idempotent.
+  virtual void CancelPassthroughMigration() = 0;
+  // Destination side: restored passthrough functions are left stopped by RestoreState and run
+  // at Boot(). Their DMA targets (guest RAM) must be present before then (post-copy).
+  virtual int passthrough_devices() const = 0;
+  // Post-copy with passthrough functions (devices/vfio/pci/dma_footprint.h): each needs a DMA
+  // model of its class, else FAILED_PRECONDITION naming it (it could DMA into pages that have
+  // not arrived). Both ends check.
+  virtual absl::Status CheckPassthroughPostcopy() const = 0;
+  // Destination, after RestoreState and before Boot(): `ensure(gpa, len)` makes guest RAM
+  // present (blocking; UNAVAILABLE/DEADLINE_EXCEEDED are retried). Until called again with
+  // nullptr, every guest write to a passthrough BAR first makes present what the write will
+  // make the device DMA (the vCPU waits, as on a missing page), and Boot() makes present what
+  // the restored device state will DMA before the device runs.
+  using EnsurePresentFn = std::function<absl::Status(uint64_t gpa, uint64_t len)>;
+  virtual absl::Status SetPassthroughPostcopy(EnsurePresentFn ensure) = 0;
+
   // Blocks until the VM has exited (guest reset, crash, Shutdown()).
   virtual VmExit WaitForExit() = 0;
   // Like WaitForExit with a timeout; nullopt if still not exited.
@@ -123,12 +172,19 @@ class Vm {
 // replace the source's: disks (path, direct, engine — same count; read-only and serial are
 // guest-visible and stay the source's), nets (tap — same count; the MAC stays), vsock (socket
 // path; the CID stays). Backends not given locally keep the source's values (shared storage,
-// same tap names on both hosts). InvalidArgument when counts or presence differ.
+// same tap names on both hosts). Passthrough functions (vfio-user sockets, VFIO sysfs paths)
+// must always be given locally, as many as the source has, in its order. InvalidArgument when
+// counts or presence differ.
 absl::Status ApplyLocalSettings(VmConfig& from_source, const VmConfig& local);
 
 // Checks a configuration without building anything (also used by the API before CreateVm).
 // Fills defaults into `config` (serial mode, cmdline).
 absl::Status ValidateAndDefaultConfig(VmConfig& config);
+
+// Test hook: kernel VFIO devices (VmConfig.vfio) are opened through `sys` (a fake kernel)
+// instead of the real system calls; nullptr restores them. Set before Vm::Create; `sys` must
+// outlive the VMs created meanwhile.
+void SetVfioSysForTesting(vfio::VfioSys* sys);
 
 }  // namespace microvmm
 

@@ -25,6 +25,7 @@ MigrationDestination::~MigrationDestination() {
     (void)postcopy_.release();
   } else if (postcopy_ != nullptr && postcopy_vm_ != nullptr) {
     postcopy_vm_->SetVcpuWaitingProbe({});  // it points into postcopy_
+    (void)postcopy_vm_->SetPassthroughPostcopy(nullptr);  // so do the BAR write gates
   }
 }
 
@@ -561,6 +562,15 @@ absl::Status MigrationDestination::RunPostcopy(
     stream_state_.resize(streams_, 0);
   }
   if (absl::Status s = vm->RestoreState(sp.state()); !s.ok()) return s;
+  if (vm->passthrough_devices() > 0) {
+    // Passthrough devices DMA only into pages that are here (their doorbells wait for them).
+    PostcopyMemory* pc = postcopy_.get();
+    if (absl::Status s = vm->SetPassthroughPostcopy([pc](uint64_t gpa, uint64_t len) {
+          return pc->EnsurePresent(gpa, len, absl::Seconds(5));
+        });
+        !s.ok())
+      return s;
+  }
   LOG_INFO("incoming migration: post-copy switchover, %d pages missing (%s mode)",
            postcopy_->missing_pages(),
            postcopy_->mode() == PostcopyOptions::Mode::kMinor ? "MINOR" : "MISSING");
@@ -633,6 +643,7 @@ void MigrationDestination::ServePostcopy(
     // that), so vCPUs stop checking it.
     if (result.ok() && kvm_userfault_ != nullptr) result = postcopy_vm_->SetRamUserfault({});
     if (result.ok()) postcopy_vm_->SetVcpuWaitingProbe({});
+    if (result.ok()) (void)postcopy_vm_->SetPassthroughPostcopy(nullptr);  // doorbells go direct
   }
   stop_stats = true;
   reporter.join();

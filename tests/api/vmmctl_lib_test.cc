@@ -1164,6 +1164,27 @@ TEST_F(FakeVmmTest, CancelAndReceive) {
   EXPECT_TRUE(absl::EndsWith(r.serial().path(), "/g.log")) << r.serial().path();
 }
 
+TEST(ParseArgs, AttachVfioUser) {
+  absl::StatusOr<Options> o = Parse({"--socket", "/s", "attach", "--vfio-user", "dev.sock"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(*o->command, Command::kAttach);
+  EXPECT_EQ(CommandFromName("attach"), Command::kAttach);
+  EXPECT_EQ(o->attach.vfio_user().socket(), "dev.sock");
+  EXPECT_EQ(o->config.vfio_user_size(), 0);  // not a create flag here
+  const AttachDeviceRequest r = BuildAttachDeviceRequest(o->attach, "/work/dir");
+  EXPECT_EQ(r.vfio_user().socket(), "/work/dir/dev.sock");
+  EXPECT_EQ(BuildAttachDeviceRequest(o->attach, "/x").vm_id(), "");
+  o = Parse({"--socket", "/s", "attach", "--vfio-user", "/abs/dev.sock"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(BuildAttachDeviceRequest(o->attach, "/w").vfio_user().socket(), "/abs/dev.sock");
+
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach"}), HasSubstr("missing --vfio-user SOCKET"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach", "--rng"}), HasSubstr("--rng"));
+  EXPECT_THAT(GeneralHelp(), HasSubstr("attach"));
+  EXPECT_THAT(CommandHelp(Command::kAttach), HasSubstr("--vfio-user SOCKET"));
+  EXPECT_THAT(CommandHelp(Command::kAttach), HasSubstr("not supported"));
+}
+
 }  // namespace
 }  // namespace microvmm::vmmctl
 

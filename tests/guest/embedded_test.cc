@@ -16,10 +16,11 @@ namespace tg = microvmm::testguest;
 
 int main() {
   const auto names = tg::Names();
-  CHECK(names.size() == 10);
+  CHECK(names.size() == 11);
   CHECK(names[0] == "balloonhint" && names[1] == "fault" && names[2] == "hello" &&
         names[3] == "idle" && names[4] == "memwalk" && names[5] == "pciscan" && names[6] == "smp" &&
-        names[7] == "vfiodma" && names[8] == "virtioblk" && names[9] == "virtiorng");
+        names[7] == "vfiodma" && names[8] == "vfiomig" && names[9] == "virtioblk" &&
+        names[10] == "virtiorng");
   for (const auto& n : names) {
     const tg::Image* img = tg::Find(n);
     CHECK(img != nullptr);

@@ -2,7 +2,12 @@
  * (tests/vfio/user/test_server/test_device.h, PCI 1234:11f0) attached with
  * `vmm --vfio-user SOCKET`. vCPU 0 only, polled, no interrupts.
  *
- * Args (optional): iters=N (default 3) rounds, len=BYTES (default 9000, at most 60 KiB).
+ * Args (optional): iters=N (default 3) rounds, len=BYTES (default 9000, at most 60 KiB),
+ * wait=N: PCI hotplug mode. The device is not there at boot: print "vfiodma waiting for
+ * hotplug", rescan bus 0 up to N times (a short spin between scans) until 1234:11f0 appears
+ * (freestanding guests run no AML: a rescan is their hotplug notification), print "vfiodma
+ * hotplug seen scans=S", then check the VMM's ACPI hotplug register block (vmm/pci/hotplug.h,
+ * port 0xAE00): PCIU has the slot's bit set, and writing that bit clears it (W1C).
  *
  * Each round: fill the source buffer with a pattern that depends on the round, clear the
  * destination, program SRC/DST/LEN/OP=copy and ring the doorbell; poll COMPLETED until it moved by
@@ -17,7 +22,8 @@
  *   74 the device reported a DMA error (STATUS == error), or completed with STATUS != done
  *   75 copied data differs from the source
  *   76 filled data differs from the fill byte
- *   77 the scratch register does not read back what was written (BAR access broken) */
+ *   77 the scratch register does not read back what was written (BAR access broken)
+ *   78 wait=N: the hotplug register's slot bit was not set, or not cleared by writing it */
 #include "lib/guest.h"
 #include "lib/virtio.h" /* pci_cfg_read/pci_cfg_write/pci_find */
 
@@ -42,6 +48,7 @@
 #define SRC_ADDR (BUF_BASE + 0x123)      /* unaligned on purpose */
 #define DST_ADDR (BUF_BASE + 0x10000 + 0x0a5)
 #define MAX_LEN 0xf000u
+#define HOTPLUG_PCIU 0xae00 /* vmm/pci/hotplug.h: slots added, write 1 to clear */
 #define SPINS 1000000u
 
 #define MMIO64(a) (*(volatile uint64_t*)(uintptr_t)(a))
@@ -82,7 +89,27 @@ int guest_main(uint64_t cpu, uint64_t ncpus, const char* args, uint64_t ram_size
     return fail(70, "bad args", iters, len);
   if (guest_ram_top(ram_size) < BUF_BASE + 0x100000) return fail(70, "RAM too small", ram_size, 0);
 
+  uint64_t wait = arg_u64(args, "wait", 0);
   int bdf = pci_find(VENDOR, DEVICE, 0);
+  if (wait > 0) {
+    if (bdf >= 0) return fail(71, "device present before hotplug", (uint64_t)bdf, 0);
+    gprintf("vfiodma waiting for hotplug\n");
+    uint64_t scans = 0;
+    while (bdf < 0 && scans < wait) {
+      for (volatile uint32_t i = 0; i < 2000; ++i) cpu_relax();
+      bdf = pci_find(VENDOR, DEVICE, 0);
+      ++scans;
+    }
+    if (bdf < 0) return fail(71, "no 1234:11f0 device after scans", scans, 0);
+    gprintf("vfiodma hotplug seen scans=%lu\n", scans);
+    uint32_t bit = 1u << (bdf >> 3);
+    uint32_t up = inl(HOTPLUG_PCIU);
+    if (!(up & bit)) return fail(78, "hotplug PCIU bit not set", up, bit);
+    outl(HOTPLUG_PCIU, bit);
+    up = inl(HOTPLUG_PCIU);
+    if (up & bit) return fail(78, "hotplug PCIU bit not cleared", up, bit);
+    gprintf("vfiodma hotplug register ok slot=%d\n", bdf >> 3);
+  }
   if (bdf < 0) return fail(71, "no 1234:11f0 device", 0, 0);
   uint32_t b = pci_cfg_read((uint32_t)bdf, 0x10);
   uint64_t addr = b & ~0xfull;

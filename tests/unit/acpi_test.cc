@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <set>
 #include <memory>
 #include <optional>
 #include <string>
@@ -127,8 +128,10 @@ Parsed ParseFromGuest(const GuestMemory& mem) {
 
 struct AmlObject {
   bool is_buffer = false;
+  bool is_package = false;
   uint64_t value = 0;
   std::vector<uint8_t> buffer;
+  std::vector<AmlObject> package;  // elements (integers or packages)
 };
 
 class AmlReader {
@@ -207,6 +210,34 @@ class AmlReader {
     return v;
   }
 
+  // PackageOp PkgLength NumElements {Integer | Package}*; `pos` is at the PackageOp.
+  std::optional<AmlObject> Package(size_t& pos, size_t limit) {
+    if (pos >= limit || a_[pos] != 0x12) return std::nullopt;
+    ++pos;
+    auto pkg_end = PkgLength(pos, limit);
+    if (!pkg_end || pos >= *pkg_end) return std::nullopt;
+    AmlObject obj;
+    obj.is_package = true;
+    const size_t count = a_[pos++];
+    while (pos < *pkg_end) {
+      if (a_[pos] == 0x12) {
+        auto sub = Package(pos, *pkg_end);
+        if (!sub) return std::nullopt;
+        obj.package.push_back(std::move(*sub));
+      } else {
+        auto v = Integer(pos, *pkg_end);
+        if (!v) return std::nullopt;
+        AmlObject e;
+        e.value = *v;
+        obj.package.push_back(std::move(e));
+      }
+    }
+    // NumElements may exceed the initializers (the rest is uninitialized); we always fill all.
+    if (obj.package.size() != count) return std::nullopt;
+    pos = *pkg_end;
+    return obj;
+  }
+
   bool TermList(size_t pos, size_t end, const std::string& scope) {
     while (pos < end) {
       size_t at = pos;
@@ -242,6 +273,11 @@ class AmlReader {
           obj.is_buffer = true;
           obj.buffer.assign(a_.begin() + pos, a_.begin() + *pkg_end);
           pos = *pkg_end;
+        } else if (pos < end && a_[pos] == 0x12) {  // PackageOp
+          size_t pat = pos;
+          auto pkg = Package(pos, end);
+          if (!pkg) return Fail("bad Package", pat);
+          obj = std::move(*pkg);
         } else {
           auto v = Integer(pos, end);
           if (!v) return Fail("unsupported Name data", at);
@@ -507,6 +543,50 @@ TEST(AcpiDsdtTest, PciHostBridgeCom1AndEcamResource) {
   EXPECT_EQ(com[0].data[6], 8);
   EXPECT_EQ(com[1].type, 0x4);
   EXPECT_EQ(Le(com[1].data, 0, 2), 1u << 4);
+}
+
+// _PRT: INTA#..INTD# of all 32 slots of bus 0, each a 4-element package pointing at a GSI
+// (source 0), matching PciIntxGsi (what the VMM wires passthrough INTx to) and within the
+// IOAPIC's level-triggered pins 16..23.
+TEST(AcpiDsdtTest, PciRoutingTableCoversEverySlotAndPin) {
+  auto mem = NewMem(64 * kMiB);
+  ASSERT_NE(mem, nullptr);
+  ASSERT_TRUE(WriteAcpiTables(*mem, TestConfig(1)).ok());
+  Parsed p = ParseFromGuest(*mem);
+  ASSERT_GT(p.dsdt.size(), 36u);
+  std::vector<uint8_t> aml(p.dsdt.begin() + 36, p.dsdt.end());
+  std::map<std::string, AmlObject> ns;
+  AmlReader reader(aml);
+  ASSERT_TRUE(reader.Parse(ns)) << reader.error();
+  ASSERT_TRUE(ns.count("\\_SB_.PCI0._PRT"));
+  const AmlObject& prt = ns["\\_SB_.PCI0._PRT"];
+  ASSERT_TRUE(prt.is_package);
+  ASSERT_EQ(prt.package.size(), 128u);
+  std::set<std::pair<uint64_t, uint64_t>> seen;  // (slot, pin)
+  std::map<uint64_t, int> per_gsi;
+  for (const AmlObject& e : prt.package) {
+    ASSERT_TRUE(e.is_package);
+    ASSERT_EQ(e.package.size(), 4u);
+    const uint64_t addr = e.package[0].value, pin = e.package[1].value;
+    EXPECT_EQ(addr & 0xFFFF, 0xFFFFu) << "function field must be 0xFFFF (any function)";
+    const uint64_t slot = addr >> 16;
+    EXPECT_LT(slot, 32u);
+    EXPECT_LT(pin, 4u);
+    EXPECT_FALSE(e.package[2].is_package);
+    EXPECT_EQ(e.package[2].value, 0u) << "source 0: the index is a GSI";
+    const uint64_t gsi = e.package[3].value;
+    EXPECT_GE(gsi, 16u);
+    EXPECT_LT(gsi, 24u);
+    EXPECT_EQ(gsi, PciIntxGsi(static_cast<uint32_t>(slot), static_cast<uint32_t>(pin)));
+    EXPECT_TRUE(seen.insert({slot, pin}).second) << "duplicate entry slot " << slot << " pin " << pin;
+    per_gsi[gsi]++;
+  }
+  EXPECT_EQ(seen.size(), 128u);
+  // The swizzle spreads the lines: 128 (slot, pin) pairs over 8 GSIs, 16 each.
+  EXPECT_EQ(per_gsi.size(), 8u);
+  for (const auto& [gsi, n] : per_gsi) EXPECT_EQ(n, 16) << "GSI " << gsi;
+  // Neighbouring slots' INTA# differ.
+  EXPECT_NE(PciIntxGsi(3, 0), PciIntxGsi(4, 0));
 }
 
 TEST(AcpiDsdtTest, OptionalPartsLeftOut) {

@@ -258,6 +258,7 @@ const std::map<std::string, std::string>& FlagSamples() {
       {"--incoming", "/run/in.sock"}, {"--rng", ""},  // "": a switch without a value
       {"--disk", "path=/d.img,ro"}, {"--net", "tap=tap0"}, {"--balloon", "target=64"},
       {"--vsock", "cid=3,uds=/run/v.sock"}, {"--vfio-user", "/run/dev.sock"},
+      {"--vfio", "/sys/bus/pci/devices/0000:01:00.0"},
   };
   return *m;
 }
@@ -316,6 +317,13 @@ TEST(VmmUsageTest, MentionsOnlyRealFlags) {
   EXPECT_TRUE(two->config.disks(1).read_only());
   ASSERT_EQ(two->config.nets_size(), 2);
   EXPECT_EQ(two->config.nets(1).mac(), "52:54:00:00:00:02");
+  auto vfio = ParseVmmArgs({"--kernel", "/k", "--vfio", "/sys/bus/pci/devices/0000:01:00.0",
+                            "--vfio", "path=0000:02:00.1"});
+  ASSERT_TRUE(vfio.ok()) << vfio.status();
+  ASSERT_EQ(vfio->config.vfio_size(), 2);
+  EXPECT_EQ(vfio->config.vfio(0).sysfs_path(), "/sys/bus/pci/devices/0000:01:00.0");
+  EXPECT_EQ(vfio->config.vfio(1).sysfs_path(), "0000:02:00.1");
+  EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--vfio", "path="}).ok());
   EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--balloon", "on", "--balloon", "on"}).ok());
   EXPECT_FALSE(ParseVmmArgs({"--kernel", "/k", "--disk", "path=/a,bogus"}).ok());
   // The parser rejects something the usage doesn't mention.

@@ -202,7 +202,8 @@ Bytes BuildRsdp(uint64_t xsdt) {
 
 constexpr uint8_t kZeroOp = 0x00, kOneOp = 0x01, kNameOp = 0x08, kBytePrefix = 0x0A,
                   kWordPrefix = 0x0B, kDWordPrefix = 0x0C, kQWordPrefix = 0x0E,
-                  kScopeOp = 0x10, kBufferOp = 0x11, kExtOpPrefix = 0x5B, kDeviceOp = 0x82;
+                  kScopeOp = 0x10, kBufferOp = 0x11, kPackageOp = 0x12, kExtOpPrefix = 0x5B,
+                  kDeviceOp = 0x82;
 
 // PkgLength (§20.2.4) for a package whose contents after the PkgLength are `body` bytes. The
 // encoded length includes the PkgLength bytes themselves. 1 byte up to 63; otherwise the lead
@@ -281,6 +282,18 @@ Bytes AmlBuffer(const Bytes& data) {
   Append(b, PkgLength(size.size() + data.size()));
   Append(b, size);
   Append(b, data);
+  return b;
+}
+
+// PackageOp PkgLength NumElements PackageElementList (§19.6.101; at most 255 elements).
+Bytes AmlPackage(const std::vector<Bytes>& elements) {
+  Bytes body;
+  Put8(body, static_cast<uint8_t>(elements.size()));
+  for (const Bytes& e : elements) Append(body, e);
+  Bytes b;
+  Put8(b, kPackageOp);
+  Append(b, PkgLength(body.size()));
+  Append(b, body);
   return b;
 }
 
@@ -396,6 +409,18 @@ Bytes BuildPci0(const AcpiConfig& cfg) {
   Append(body, AmlName("_BBN", AmlInteger(0)));
   Append(body, AmlName("_UID", AmlInteger(0)));
   Append(body, AmlName("_CRS", ResourceTemplate(std::move(crs))));
+  // _PRT (ACPI 6.0 §6.2.13): INTx routing of every slot and pin of bus 0, even though virtio
+  // devices use MSI-X only — a passthrough function may fall back to INTx. Each entry is
+  // Package { Address = slot << 16 | 0xFFFF (any function), Pin (0 = INTA#), Source = 0 (a
+  // hard-wired GSI, no link device), Source Index = GSI }. 32 x 4 = 128 entries.
+  std::vector<Bytes> prt;
+  for (uint32_t slot = 0; slot < 32; ++slot) {
+    for (uint32_t pin = 0; pin < 4; ++pin) {
+      prt.push_back(AmlPackage({AmlInteger((slot << 16) | 0xFFFF), AmlInteger(pin),
+                                AmlInteger(0), AmlInteger(PciIntxGsi(slot, pin))}));
+    }
+  }
+  Append(body, AmlName("_PRT", AmlPackage(prt)));
   return AmlDevice("PCI0", body);
 }
 
@@ -428,6 +453,7 @@ Bytes BuildDsdt(const AcpiConfig& cfg) {
   Append(sb, BuildPci0(cfg));
   Append(sb, BuildMotherboardResources(cfg));
   if (cfg.com1) Append(sb, BuildCom1());
+  Append(sb, cfg.sb_aml);
   Bytes b = TableHeader("DSDT", 2);  // revision 2: 64-bit AML integers
   Append(b, AmlScope("\\_SB_", sb));
   return Finish(std::move(b));
@@ -453,6 +479,10 @@ absl::Status ValidateConfig(const AcpiConfig& cfg) {
 size_t AlignUp(size_t v, size_t a) { return (v + a - 1) & ~(a - 1); }
 
 }  // namespace
+
+uint32_t PciIntxGsi(uint32_t slot, uint32_t pin) {
+  return kPciIntxFirstGsi + (slot + pin) % kPciIntxGsis;
+}
 
 uint32_t EisaId(const char (&id)[8]) {
   // Three letters as 5-bit values ('A' = 1) packed big-endian into 15 bits, then four hex digits;

@@ -16,7 +16,8 @@
 //    timer to the cascade pin.
 //  - MCFG: one ECAM allocation, segment 0, buses 0..ecam_end_bus.
 //  - DSDT: \_SB.PCI0 (PNP0A08/PNP0A03, _SEG/_BBN/_UID 0, _CRS = bus range, conf1 ports
-//    0xCF8-0xCFF, the I/O, 32-bit and 64-bit MMIO windows), \_SB.MRES (PNP0C02 motherboard
+//    0xCF8-0xCFF, the I/O, 32-bit and 64-bit MMIO windows, _PRT = INTx routing, see PciIntxGsi),
+//    \_SB.MRES (PNP0C02 motherboard
 //    resource holding the ECAM range: Linux's late MMCONFIG check looks for it), and, as
 //    configured, COM1 (PNP0501, 0x3F8 IRQ 4) and the PS/2 keyboard controller (PNP0303, 0x60/0x64
 //    IRQ 1). Reduced-hardware Linux has no legacy PIC, so ISA devices get their IRQs from these
@@ -43,6 +44,9 @@ struct AcpiConfig {
   bool com1 = true;           // PNP0501 at 0x3F8, IRQ 4
   bool cmos_rtc = false;      // false: FADT "CMOS RTC not present" (we emulate no RTC)
   bool reset_via_cf9 = true;  // FADT RESET_REG = I/O 0xCF9, value 6
+  // Extra AML terms appended inside Scope(\_SB) after everything above (PCI hotplug objects,
+  // vmm/pci/hotplug.h). Not checked here: the caller builds well-formed AML.
+  std::vector<uint8_t> sb_aml;
 };
 
 // The tables as they must appear at guest-physical address `base` (16-byte aligned, below 4 GiB);
@@ -52,6 +56,14 @@ absl::StatusOr<std::vector<uint8_t>> BuildAcpiTables(const AcpiConfig& cfg, uint
 // Writes the tables at layout::kAcpiStart and returns the RSDP's guest-physical address (pass it
 // to LoadLinux via LinuxBootSpec::rsdp_addr).
 absl::StatusOr<uint64_t> WriteAcpiTables(GuestMemory& mem, const AcpiConfig& cfg);
+
+// Legacy INTx routing of PCI bus 0 (described to the guest by the DSDT's \_SB.PCI0._PRT; the
+// VMM wires a passthrough function's INTx to the same GSI): INTA#..INTD# (`pin` 0..3) of device
+// `slot` go to IOAPIC pin 16 + (slot + pin) % 8 — the IOAPIC-only, level-triggered pins 16..23
+// (GSIs 0..15 are ISA). The usual swizzle, so neighbouring slots rarely share a line.
+inline constexpr uint32_t kPciIntxFirstGsi = 16;
+inline constexpr uint32_t kPciIntxGsis = 8;
+uint32_t PciIntxGsi(uint32_t slot, uint32_t pin);
 
 // EISA ID compression used by _HID/_CID ("PNP0A08" -> 0x080AD041). Exposed for tests.
 uint32_t EisaId(const char (&id)[8]);

@@ -353,6 +353,15 @@ absl::Status KvmVm::AssignIrqfd(int fd, uint32_t gsi) {
   return IrqfdIoctl(fd_.get(), fd, gsi, 0, "KVM_IRQFD");
 }
 
+absl::Status KvmVm::AssignResampleIrqfd(int fd, int resample_fd, uint32_t gsi) {
+  kvm_irqfd f{};
+  f.fd = static_cast<uint32_t>(fd);
+  f.gsi = gsi;
+  f.flags = KVM_IRQFD_FLAG_RESAMPLE;
+  f.resamplefd = static_cast<uint32_t>(resample_fd);
+  return Ioctl(fd_.get(), KVM_IRQFD, &f, absl::StrCat("KVM_IRQFD resample gsi ", gsi));
+}
+
 absl::Status KvmVm::DeassignIrqfd(int fd, uint32_t gsi) {
   return IrqfdIoctl(fd_.get(), fd, gsi, KVM_IRQFD_FLAG_DEASSIGN, "KVM_IRQFD deassign");
 }

@@ -99,6 +99,11 @@ class KvmVm {
   // KVM_IRQFD: a write to eventfd `fd` raises `gsi` (edge). Deassign takes the same pair.
   absl::Status AssignIrqfd(int fd, uint32_t gsi);
   absl::Status DeassignIrqfd(int fd, uint32_t gsi);
+  // KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE: level-triggered. A write to `fd` asserts IOAPIC pin
+  // `gsi`; when the guest EOIs it KVM de-asserts the line and signals `resample_fd` (VFIO INTx
+  // unmask). Deassign takes the trigger fd and gsi.
+  absl::Status AssignResampleIrqfd(int fd, int resample_fd, uint32_t gsi);
+  absl::Status DeassignResampleIrqfd(int fd, uint32_t gsi) { return DeassignIrqfd(fd, gsi); }
   // KVM_IOEVENTFD: a guest write of `len` bytes (1/2/4/8; 0 = any length, MMIO only) to `addr`
   // (a port if `pio`) signals `fd` in the kernel instead of exiting; with `datamatch` only
   // writes of that value do. Deassign needs exactly the parameters given to assign.

@@ -104,7 +104,10 @@ absl::StatusOr<std::shared_ptr<VfioPciDevice>> VfioPciDevice::Create(
 
 VfioPciDevice::VfioPciDevice(std::unique_ptr<VfioDevice> dev, const VfioPciOptions& options,
                              const pci::PciHeader& header)
-    : dev_(std::move(dev)), options_(options), config_(header) {}
+    : dev_(std::move(dev)),
+      options_(options),
+      config_(header),
+      dma_model_(FootprintFor(header.vendor_id, header.device_id)) {}
 
 VfioPciDevice::~VfioPciDevice() {
   if (absl::Status s = Detach(); !s.ok()) LOG_WARN("%s: detach: %s", name(), s.message());
@@ -499,6 +502,18 @@ void VfioPciDevice::WriteBar(int bar, uint64_t offset, std::span<const uint8_t> 
     case MsixPart::kStraddle: return;  // dropped
     case MsixPart::kNone: break;
   }
+  // The DMA model follows every write (it must know the registers when post-copy starts);
+  // while a gate is set, what the write makes the device access is made present first.
+  std::vector<DmaRange> targets;
+  if (dma_model_) targets = dma_model_->OnBarWrite(bar, offset, data);
+  if (!targets.empty()) {
+    std::shared_ptr<const BarWriteGate> gate;
+    {
+      std::lock_guard lock(gate_mu_);
+      gate = gate_;
+    }
+    if (gate) (*gate)(targets);
+  }
   absl::Status s;
   if (!InRegion(bar, offset, data.size())) {
     s = absl::OutOfRangeError("beyond the region");
@@ -517,11 +532,23 @@ void VfioPciDevice::BarMoved(const pci::BarMove& move) {
   ReconcileDirectMaps();
 }
 
+void VfioPciDevice::SetBarWriteGate(BarWriteGate gate) {
+  {
+    std::lock_guard lock(gate_mu_);
+    gate_ = gate ? std::make_shared<const BarWriteGate>(std::move(gate)) : nullptr;
+    trap_all_ = gate_ != nullptr;
+  }
+  ReconcileDirectMaps();
+}
+
 void VfioPciDevice::ReconcileDirectMaps() {
   if (options_.bar_mapper == nullptr) return;
+  std::lock_guard lock(maps_mu_);
+  const bool trap_all = trap_all_.load();
   for (DirectMap& d : direct_) {
     uint64_t base = config_.bar_mapped_address(d.bar);
-    uint64_t target = (!detached_ && config_.memory_enabled() && base != 0) ? base + d.offset : 0;
+    uint64_t target =
+        (!detached_ && !trap_all && config_.memory_enabled() && base != 0) ? base + d.offset : 0;
     if (d.gpa == target) continue;
     if (d.gpa != 0) {
       if (absl::Status s = options_.bar_mapper->Unmap(d.gpa, d.size); !s.ok()) NoteError(s);
@@ -631,6 +658,7 @@ std::string VfioPciDevice::SaveState(std::span<const uint8_t> device_blob) const
   *st.mutable_config() = config_.SaveState();
   if (msix_) *st.mutable_msix() = msix_->SaveState();
   st.set_device_blob(device_blob.data(), device_blob.size());
+  if (dma_model_) st.set_dma_model(dma_model_->SaveState());
   return st.SerializeAsString();
 }
 
@@ -682,6 +710,9 @@ absl::Status VfioPciDevice::RestoreState(const std::string& data, bool run) {
         "%s: saved MSI-X state (%d vectors) does not match the device (%d)", name(),
         st.has_msix() ? st.msix().vectors_size() : 0, msix_ ? msix_->num_vectors() : 0));
 
+  if (dma_model_ && !st.dma_model().empty())
+    if (absl::Status s = dma_model_->RestoreState(st.dma_model()); !s.ok())
+      return absl::Status(s.code(), absl::StrCat(name(), ": ", s.message()));
   // Everything validated: load the device's own state first (it must be RESUMING-loaded before
   // interrupts are re-enabled), then re-apply the model.
   absl::StatusOr<VfioMigrationDriver*> mig = migration();

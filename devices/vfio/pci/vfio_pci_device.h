@@ -45,6 +45,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -54,6 +55,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "devices/vfio/pci/dma_footprint.h"
 #include "devices/vfio/pci/vfio_migration.h"
 #include "devices/vfio/vfio_device.h"
 #include "vmm/base/fd.h"
@@ -136,6 +138,17 @@ class VfioPciDevice : public pci::PciDevice {
   // interrupts already connected. The VM calls PciRootBus::RemapAll() afterwards (BAR windows).
   absl::Status RestoreState(const std::string& data, bool run = true);
 
+  // ---- Post-copy (destination) ----
+  // The DMA model of this function's class (dma_footprint.h), or null if none is known. It
+  // sees every BAR write and its state travels in SaveState.
+  DmaFootprint* dma_model() { return dma_model_.get(); }
+  // While set, `gate` is called with what a guest BAR write makes the device access (per the
+  // DMA model), before the write reaches the device; it may block the writing vCPU until those
+  // pages are present. While a gate is set no BAR range is mapped directly into the guest, so
+  // every write traps (doorbells included). nullptr removes it; direct maps return.
+  using BarWriteGate = std::function<void(const std::vector<DmaRange>& targets)>;
+  void SetBarWriteGate(BarWriteGate gate);
+
   // ---- Introspection (tests, debugging) ----
   VfioDevice& device() { return *dev_; }
   pci::MsixTable* msix() { return msix_.get(); }
@@ -195,6 +208,11 @@ class VfioPciDevice : public pci::PciDevice {
   std::vector<DmaRange> dma_ranges_;
   std::unique_ptr<VfioMigrationDriver> migration_;
   bool detached_ = false;
+  const std::unique_ptr<DmaFootprint> dma_model_;
+  std::mutex maps_mu_;  // ReconcileDirectMaps: vCPU config writes vs SetBarWriteGate
+  std::mutex gate_mu_;
+  std::shared_ptr<const BarWriteGate> gate_;  // guarded by gate_mu_ (copied out to call)
+  std::atomic<bool> trap_all_{false};
 };
 
 }  // namespace microvmm::vfio

@@ -80,7 +80,7 @@ void TestDeviceServer::ResetDevice() {
   uint8_t* c = st_.config;
   std::memset(c, 0, kConfigSize);
   Put16(c + 0x00, kVendorId);
-  Put16(c + 0x02, kDeviceId);
+  Put16(c + 0x02, options_.device_id);
   Put16(c + 0x06, 0x0010);   // status: capability list
   c[0x0b] = 0xff;            // class: unassigned
   Put32(c + 0x10, 0);        // BAR0: 32-bit memory
@@ -859,7 +859,7 @@ bool TestDeviceServer::LoadBlob(const std::vector<uint8_t>& b) {
   State s;
   std::memcpy(&s, b.data() + 16, sizeof(State));
   if (s.regs[kRegStatus / 8] > kStatusPending || s.regs[kRegCompleted / 8] != completed ||
-      Get16(s.config) != kVendorId || Get16(s.config + 2) != kDeviceId) {
+      Get16(s.config) != kVendorId || Get16(s.config + 2) != options_.device_id) {
     return false;
   }
   st_ = s;

@@ -69,6 +69,8 @@ struct ServerOptions {
   uint16_t reply_major = kVersionMajor;
   uint16_t reply_minor = kVersionMinor;
   uint32_t max_data_xfer_size = kDefaultMaxDataXfer;
+  // PCI device id the function reports (tests of device classes the VMM has no model of).
+  uint16_t device_id = kDeviceId;
   // Honour kRegReplyDelayMs (off for fuzzing, where a random write could stall the server).
   bool allow_reply_delay = true;
 };
