@@ -301,6 +301,10 @@ class VmImpl : public Vm {
   absl::Status SetupPciHotplug();
   // vfio-user PCI functions (config_.vfio_user), after the virtio devices on the bus.
   absl::Status SetupVfioUserDevices();
+  // Connects to the vfio-user server at `socket` and builds its PCI function with DMA over all
+  // guest RAM (not on the bus yet). Errors start with `label`.
+  absl::StatusOr<std::shared_ptr<vfio::VfioPciDevice>> OpenVfioUser(const std::string& socket,
+                                                                    const std::string& label);
   // Kernel VFIO PCI functions (config_.vfio), after the vfio-user ones.
   absl::Status SetupVfioKernelDevices();
   // Every passthrough PCI function (kernel VFIO and vfio-user), by PCI slot: the order of
@@ -721,33 +725,43 @@ absl::Status VmImpl::SetupVirtioDevices() {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::shared_ptr<vfio::VfioPciDevice>> VmImpl::OpenVfioUser(
+    const std::string& socket, const std::string& label) {
+  // The client prefixes its errors with its name "vfio-user:SOCKET: ": we say it once.
+  auto fail = [&](const absl::Status& s, absl::string_view what = "") {
+    absl::string_view msg = s.message();
+    absl::ConsumePrefix(&msg, absl::StrCat("vfio-user:", socket, ": "));
+    return absl::Status(s.code(), absl::StrCat(label, ": ", what, msg));
+  };
+  auto dev = vfio_user::VfioUserDevice::Connect(socket);
+  if (!dev.ok()) {
+    // A peer that accepts but does not speak vfio-user fails the version handshake with no
+    // reply (timeout) or a malformed one: say what that most likely means.
+    if (absl::IsDeadlineExceeded(dev.status()) || absl::IsDataLoss(dev.status()))
+      return fail(dev.status(), "not a vfio-user server (version handshake failed): ");
+    return fail(dev.status());
+  }
+  // No BarMapper: every BAR access traps (simple, and correct for any server). No INTx:
+  // the device interrupts through MSI-X (KVM irqfds from the GsiRouter).
+  vfio::VfioPciOptions o;
+  o.gsi_router = gsi_router_.get();
+  auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
+  if (!pci.ok()) return fail(pci.status());
+  // iova = gpa over all guest RAM. Writes by the server into guest RAM bypass the VMM's dirty
+  // tracking: migration reads the device's DMA dirty log (StartPassthroughMigration).
+  if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+  return std::move(*pci);
+}
+
 absl::Status VmImpl::SetupVfioUserDevices() {
   for (int i = 0; i < config_.vfio_user_size(); ++i) {
     const std::string& socket = config_.vfio_user(i).socket();
-    // The client prefixes its errors with its name "vfio-user:SOCKET: ": we say it once.
-    auto fail = [&](const absl::Status& s, absl::string_view what = "") {
-      absl::string_view msg = s.message();
-      absl::ConsumePrefix(&msg, absl::StrCat("vfio-user:", socket, ": "));
-      return absl::Status(s.code(), absl::StrFormat("vfio-user device %d (%s): %s%s", i, socket,
-                                                    what, msg));
+    auto pci = OpenVfioUser(socket, absl::StrFormat("vfio-user device %d (%s)", i, socket));
+    if (!pci.ok()) return pci.status();
+    auto fail = [&](const absl::Status& s) {
+      return absl::Status(s.code(), absl::StrFormat("vfio-user device %d (%s): %s", i, socket,
+                                                    s.message()));
     };
-    auto dev = vfio_user::VfioUserDevice::Connect(socket);
-    if (!dev.ok()) {
-      // A peer that accepts but does not speak vfio-user fails the version handshake with no
-      // reply (timeout) or a malformed one: say what that most likely means.
-      if (absl::IsDeadlineExceeded(dev.status()) || absl::IsDataLoss(dev.status()))
-        return fail(dev.status(), "not a vfio-user server (version handshake failed): ");
-      return fail(dev.status());
-    }
-    // No BarMapper: every BAR access traps (simple, and correct for any server). No INTx:
-    // the device interrupts through MSI-X (KVM irqfds from the GsiRouter).
-    vfio::VfioPciOptions o;
-    o.gsi_router = gsi_router_.get();
-    auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
-    if (!pci.ok()) return fail(pci.status());
-    // iova = gpa over all guest RAM. Writes by the server into guest RAM bypass the VMM's dirty
-    // tracking: migration reads the device's DMA dirty log (StartPassthroughMigration).
-    if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
     // A function hot-attached to the source of a migration keeps its slot here.
     const uint32_t fixed = config_.vfio_user(i).pci_slot();
     absl::StatusOr<uint8_t> at;
@@ -803,23 +817,12 @@ absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
     if ((hotplug_slots_ & (1u << d)) && pci_->device(d, 0) == nullptr) slot = d;
   if (slot == 0)
     return absl::ResourceExhaustedError("no free hotpluggable PCI slot on bus 0");
-  auto fail = [&](const absl::Status& s, absl::string_view what = "") {
-    absl::string_view msg = s.message();
-    absl::ConsumePrefix(&msg, absl::StrCat("vfio-user:", socket, ": "));
-    return absl::Status(s.code(), absl::StrFormat("vfio-user %s: %s%s", socket, what, msg));
-  };
-  auto dev = vfio_user::VfioUserDevice::Connect(socket);
-  if (!dev.ok()) {
-    if (absl::IsDeadlineExceeded(dev.status()) || absl::IsDataLoss(dev.status()))
-      return fail(dev.status(), "not a vfio-user server (version handshake failed): ");
-    return fail(dev.status());
-  }
-  vfio::VfioPciOptions o;
-  o.gsi_router = gsi_router_.get();
   // From here on, an error destroys `pci`: ~VfioPciDevice detaches DMA and interrupts.
-  auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
-  if (!pci.ok()) return fail(pci.status());
-  if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+  auto pci = OpenVfioUser(socket, absl::StrCat("vfio-user ", socket));
+  if (!pci.ok()) return pci.status();
+  auto fail = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrFormat("vfio-user %s: %s", socket, s.message()));
+  };
   // The commit point: one config-cycle-locked insertion; vCPUs see the slot empty or complete.
   if (absl::Status s = pci_->AddDevice(slot, 0, *pci); !s.ok()) return fail(s);
   {

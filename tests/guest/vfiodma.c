@@ -25,24 +25,11 @@
  *   77 the scratch register does not read back what was written (BAR access broken)
  *   78 wait=N: the hotplug register's slot bit was not set, or not cleared by writing it */
 #include "lib/guest.h"
+#include "lib/dmaengine.h"
 #include "lib/virtio.h" /* pci_cfg_read/pci_cfg_write/pci_find */
 
-#define VENDOR 0x1234
-#define DEVICE 0x11f0
-/* BAR0 registers, 64-bit each (test_device.h). */
-#define REG_SRC 0x00
-#define REG_DST 0x08
-#define REG_LEN 0x10
-#define REG_OP 0x18
-#define REG_PATTERN 0x20
-#define REG_DOORBELL 0x28
-#define REG_STATUS 0x30
-#define REG_COMPLETED 0x38
-#define REG_SCRATCH 0x40
-#define OP_COPY 0
-#define OP_FILL 1
-#define STATUS_DONE 1
-#define STATUS_ERROR 2
+#define VENDOR DMAENGINE_VENDOR
+#define DEVICE DMAENGINE_DEVICE
 
 #define BUF_BASE 0x1200000ull           /* 18 MiB: above the image and virtioblk's rings */
 #define SRC_ADDR (BUF_BASE + 0x123)      /* unaligned on purpose */

@@ -21,21 +21,11 @@
  *   73 a DMA did not complete       74 DMA error status
  *   75 a DMA-written byte differs   76 completed counter differs  77 scratch register differs */
 #include "lib/guest.h"
+#include "lib/dmaengine.h"
 #include "lib/virtio.h" /* pci_cfg_read/pci_cfg_write/pci_find */
 
-#define VENDOR 0x1234
-#define DEVICE 0x11f0
-#define REG_DST 0x08
-#define REG_LEN 0x10
-#define REG_OP 0x18
-#define REG_PATTERN 0x20
-#define REG_DOORBELL 0x28
-#define REG_STATUS 0x30
-#define REG_COMPLETED 0x38
-#define REG_SCRATCH 0x40
-#define OP_FILL 1
-#define STATUS_DONE 1
-#define STATUS_ERROR 2
+#define VENDOR DMAENGINE_VENDOR
+#define DEVICE DMAENGINE_DEVICE
 
 #define REGION 0x1400000ull /* 20 MiB: above the image */
 #define PAGE 4096ull
