@@ -156,6 +156,23 @@ class VfioDevice {
   virtual absl::Status ReportDmaDirty(uint64_t iova, uint64_t size, uint64_t page_size,
                                       std::span<uint64_t> bitmap) = 0;
   virtual absl::Status StopDmaLogging() = 0;
+
+  // IOMMU dirty tracking: the IOMMU's page tables record the device's writes (kernel backend:
+  // an iommufd HW page table allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING). The second dirty
+  // source, for devices without DMA logging; it covers every DMA mapping of the device. Same
+  // bitmap contract as ReportDmaDirty (bits ORed in, reporting clears the reported range);
+  // `iova`/`size` must be multiples of `page_size`. Unimplemented (the default) when the backend
+  // or the IOMMU cannot; starting clears what the IOMMU recorded before.
+  virtual absl::Status StartIommuDirtyTracking() {
+    return absl::UnimplementedError(name() + ": no IOMMU dirty tracking");
+  }
+  virtual absl::Status ReportIommuDirty(uint64_t /*iova*/, uint64_t /*size*/,
+                                        uint64_t /*page_size*/, std::span<uint64_t> /*bitmap*/) {
+    return absl::UnimplementedError(name() + ": no IOMMU dirty tracking");
+  }
+  virtual absl::Status StopIommuDirtyTracking() {
+    return absl::UnimplementedError(name() + ": no IOMMU dirty tracking");
+  }
 };
 
 }  // namespace microvmm::vfio

@@ -243,10 +243,63 @@ absl::Status KernelVfioDevice::OpenViaCdev(const std::string& cdev_name, bool* a
     return SysError(err, absl::StrCat(name_, ": IOMMU_IOAS_ALLOC"));
   }
   ioas_id_ = alloc.out_ioas_id;
+  dev_id_ = bind.out_devid;
+  // A device without its own DMA logging can still be migrated without counting all its RAM as
+  // dirty when the IOMMU tracks dirty IOPTEs: try that first, the plain IOAS attach otherwise.
+  if (absl::Status s = AttachDirtyTrackingHwpt(); s.ok()) {
+    LOG_INFO("%s: attached to IOMMU HWPT %u with dirty tracking (IOAS %u)", name_, hwpt_id_,
+             ioas_id_);
+    return absl::OkStatus();
+  } else if (absl::IsUnimplemented(s)) {
+    LOG_INFO("%s: %s; attaching to the IOAS", name_, s.message());
+  } else {
+    LOG_WARN("%s: IOMMU dirty tracking unavailable (%s); attaching to the IOAS", name_,
+             s.message());
+  }
   uapi::vfio_device_attach_iommufd_pt attach = {};
   attach.argsz = sizeof(attach);
   attach.pt_id = ioas_id_;
   return DeviceIoctl(uapi::kVfioDeviceAttachIommufdPt, &attach, "attaching to the IOAS");
+}
+
+absl::Status KernelVfioDevice::AttachDirtyTrackingHwpt() {
+  uapi::iommu_hw_info hw = {};
+  hw.size = sizeof(hw);
+  hw.dev_id = dev_id_;  // data_len 0: the vendor-specific part is not needed
+  if (absl::Status s = IommufdIoctl(uapi::kIommuGetHwInfo, &hw, "IOMMU capabilities"); !s.ok()) {
+    if (last_err_ == ENOTTY) {
+      return absl::UnimplementedError("kernel without IOMMU_GET_HW_INFO: no IOMMU dirty tracking");
+    }
+    return s;
+  }
+  if (!(hw.out_capabilities & uapi::kIommuHwCapDirtyTracking)) {
+    return absl::UnimplementedError("the IOMMU cannot track dirty pages");
+  }
+  uapi::iommu_hwpt_alloc alloc = {};
+  alloc.size = sizeof(alloc);
+  alloc.flags = uapi::kIommuHwptAllocDirtyTracking;
+  alloc.dev_id = dev_id_;
+  alloc.pt_id = ioas_id_;
+  alloc.data_type = uapi::kIommuHwptDataNone;
+  if (absl::Status s = IommufdIoctl(uapi::kIommuHwptAlloc, &alloc, "dirty-tracking HWPT");
+      !s.ok()) {
+    return s;
+  }
+  uapi::vfio_device_attach_iommufd_pt attach = {};
+  attach.argsz = sizeof(attach);
+  attach.pt_id = alloc.out_hwpt_id;
+  absl::Status s = DeviceIoctl(uapi::kVfioDeviceAttachIommufdPt, &attach,
+                               "attaching to the dirty-tracking HWPT");
+  if (!s.ok()) {
+    // Not attached: drop the HWPT now rather than keep an unused IOMMU domain until close.
+    uapi::iommu_destroy d = {sizeof(d), alloc.out_hwpt_id};
+    if (absl::Status ds = IommufdIoctl(uapi::kIommuDestroy, &d, "unused HWPT"); !ds.ok()) {
+      LOG_WARN("%s", ds.message());  // freed with the iommufd anyway
+    }
+    return s;
+  }
+  hwpt_id_ = alloc.out_hwpt_id;
+  return absl::OkStatus();
 }
 
 absl::Status KernelVfioDevice::OpenViaGroup(const std::string& sysfs_path) {
@@ -351,6 +404,17 @@ absl::Status KernelVfioDevice::OpenViaGroup(const std::string& sysfs_path) {
 absl::Status KernelVfioDevice::DeviceIoctl(unsigned long request, void* arg, const char* what) {
   last_err_ = 0;
   if (RetryEintr([&] { return sys_.Ioctl(device_.get(), request, arg); }) != 0) {
+    last_err_ = errno;
+    return SysError(last_err_,
+                    absl::StrFormat("%s: %s (%s)", name_, uapi::IoctlName(request), what));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KernelVfioDevice::IommufdIoctl(unsigned long request, void* arg,
+                                            const std::string& what) {
+  last_err_ = 0;
+  if (RetryEintr([&] { return sys_.Ioctl(iommufd_.get(), request, arg); }) != 0) {
     last_err_ = errno;
     return SysError(last_err_,
                     absl::StrFormat("%s: %s (%s)", name_, uapi::IoctlName(request), what));
@@ -883,6 +947,81 @@ absl::Status KernelVfioDevice::StopDmaLogging() {
     return absl::UnimplementedError(absl::StrCat(name_, ": device cannot log its DMA"));
   }
   return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// IOMMU dirty tracking (iommufd HWPT)
+
+absl::Status KernelVfioDevice::StartIommuDirtyTracking() {
+  if (hwpt_id_ == 0) {
+    return absl::UnimplementedError(absl::StrCat(
+        name_, ": no IOMMU dirty tracking (",
+        path_ == KernelVfioPath::kGroupContainer ? "type1 container" : "not offered by the IOMMU",
+        ")"));
+  }
+  if (iommu_tracking_) {
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": IOMMU dirty tracking is on"));
+  }
+  // Enabling also clears dirty bits the IOPTEs picked up before (the kernel does so on enable).
+  uapi::iommu_hwpt_set_dirty_tracking set = {};
+  set.size = sizeof(set);
+  set.flags = uapi::kIommuHwptDirtyTrackingEnable;
+  set.hwpt_id = hwpt_id_;
+  if (absl::Status s = IommufdIoctl(uapi::kIommuHwptSetDirtyTracking, &set, "enable");
+      !s.ok()) {
+    return s;
+  }
+  iommu_tracking_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status KernelVfioDevice::ReportIommuDirty(uint64_t iova, uint64_t size, uint64_t page_size,
+                                                std::span<uint64_t> bitmap) {
+  if (hwpt_id_ == 0) {
+    return absl::UnimplementedError(absl::StrCat(name_, ": no IOMMU dirty tracking"));
+  }
+  if (!iommu_tracking_) {
+    return absl::FailedPreconditionError(absl::StrCat(name_, ": IOMMU dirty tracking is off"));
+  }
+  // The kernel wants iova and length aligned to page_size (iommufd_check_iova_range).
+  if (!RangeOk(iova, size) || !IsPowerOfTwo(page_size) || iova % page_size != 0 ||
+      size % page_size != 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: bad IOMMU dirty report [%#x, +%#x) page %u (must be page aligned)", name_, iova,
+        size, page_size));
+  }
+  const uint64_t pages = size / page_size;
+  if (bitmap.size() < (pages + 63) / 64) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: dirty bitmap of %u words is too small for %u pages", name_, bitmap.size(), pages));
+  }
+  uapi::iommu_hwpt_get_dirty_bitmap get = {};
+  get.size = sizeof(get);
+  get.hwpt_id = hwpt_id_;
+  get.flags = 0;  // read and clear
+  get.iova = iova;
+  get.length = size;
+  get.page_size = page_size;
+  get.data = reinterpret_cast<uintptr_t>(bitmap.data());
+  // On an error the dirty bits may be partly cleared: the caller treats the range as dirty.
+  return IommufdIoctl(uapi::kIommuHwptGetDirtyBitmap, &get,
+                      absl::StrFormat("[%#x, +%#x)", iova, size));
+}
+
+absl::Status KernelVfioDevice::StopIommuDirtyTracking() {
+  if (hwpt_id_ == 0) {
+    return absl::UnimplementedError(absl::StrCat(name_, ": no IOMMU dirty tracking"));
+  }
+  if (!iommu_tracking_) return absl::OkStatus();
+  uapi::iommu_hwpt_set_dirty_tracking set = {};
+  set.size = sizeof(set);
+  set.hwpt_id = hwpt_id_;
+  if (absl::Status s = IommufdIoctl(uapi::kIommuHwptSetDirtyTracking, &set, "disable");
+      !s.ok()) {
+    return s;  // still on: Stop may be retried
+  }
+  iommu_tracking_ = false;
+  return absl::OkStatus();
 }
 
 }  // namespace microvmm::vfio

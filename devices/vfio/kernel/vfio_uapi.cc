@@ -46,6 +46,14 @@ const char* IoctlName(unsigned long request) {
       return "IOMMU_IOAS_MAP";
     case kIommuIoasUnmap:
       return "IOMMU_IOAS_UNMAP";
+    case kIommuHwptAlloc:
+      return "IOMMU_HWPT_ALLOC";
+    case kIommuGetHwInfo:
+      return "IOMMU_GET_HW_INFO";
+    case kIommuHwptSetDirtyTracking:
+      return "IOMMU_HWPT_SET_DIRTY_TRACKING";
+    case kIommuHwptGetDirtyBitmap:
+      return "IOMMU_HWPT_GET_DIRTY_BITMAP";
   }
   return "unknown ioctl";
 }

@@ -1,6 +1,7 @@
 #include "devices/vfio/pci/vfio_migration.h"
 
 #include <algorithm>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -199,22 +200,39 @@ absl::Status VfioMigrationDriver::CancelLocked() {
 
 // ---- DMA dirty tracking ----
 
+const char* DirtySourceName(DirtySource s) {
+  switch (s) {
+    case DirtySource::kNone: return "off";
+    case DirtySource::kDeviceDmaLog: return "device DMA log";
+    case DirtySource::kIommu: return "IOMMU dirty tracking";
+    case DirtySource::kAllMapped: return "all DMA-mapped RAM";
+  }
+  return "unknown";
+}
+
 absl::Status VfioMigrationDriver::StartDirtyTracking(std::vector<DmaRange> ranges,
                                                      uint64_t page_size) {
   auto lock = Lock();
   if (tracking_) return absl::FailedPreconditionError(dev_.name() + ": dirty tracking is on");
   if (ranges.empty() || page_size == 0 || (page_size & (page_size - 1)))
     return absl::InvalidArgumentError(dev_.name() + ": dirty tracking needs ranges and a page size");
+  DirtySource source = DirtySource::kDeviceDmaLog;
   absl::Status s = dev_.StartDmaLogging(ranges, page_size);
-  if (absl::IsUnimplemented(s)) {
-    LOG_WARN("%s: device cannot log its DMA; every DMA-mapped page of guest RAM is reported "
-             "dirty on every sync", dev_.name());
-    fallback_ = true;
-  } else if (!s.ok()) {
-    return s;
-  } else {
-    fallback_ = false;
+  if (!s.ok() && !absl::IsUnimplemented(s)) return s;
+  if (!s.ok()) {
+    source = DirtySource::kIommu;
+    s = dev_.StartIommuDirtyTracking();
+    if (!s.ok()) {
+      // All-dirty is always correct, so an IOMMU that refuses is not worth failing migration.
+      if (!absl::IsUnimplemented(s))
+        LOG_WARN("%s: IOMMU dirty tracking failed to start: %s", dev_.name(), s.message());
+      LOG_WARN("%s: neither the device nor the IOMMU can track its DMA; every DMA-mapped page of "
+               "guest RAM is reported dirty on every sync", dev_.name());
+      source = DirtySource::kAllMapped;
+    }
   }
+  LOG_INFO("%s: DMA dirty tracking: %s", dev_.name(), DirtySourceName(source));
+  source_ = source;
   ranges_ = std::move(ranges);
   page_size_ = page_size;
   tracking_ = true;
@@ -227,12 +245,14 @@ absl::Status VfioMigrationDriver::SyncDirty(const DirtyFn& fn) {
   for (const DmaRange& r : ranges_) {
     uint64_t pages = (r.size + page_size_ - 1) / page_size_;
     std::vector<uint64_t> bitmap((pages + 63) / 64, 0);
-    bool all = fallback_;
+    bool all = source_ == DirtySource::kAllMapped;
     if (!all) {
-      absl::Status s = dev_.ReportDmaDirty(r.iova, r.size, page_size_, bitmap);
+      absl::Status s = source_ == DirtySource::kIommu
+                           ? dev_.ReportIommuDirty(r.iova, r.size, page_size_, bitmap)
+                           : dev_.ReportDmaDirty(r.iova, r.size, page_size_, bitmap);
       if (!s.ok()) {
-        LOG_WARN("%s: DMA dirty report for [%#x, +%#x) failed (%s); range reported all dirty",
-                 dev_.name(), r.iova, r.size, s.message());
+        LOG_WARN("%s: DMA dirty report (%s) for [%#x, +%#x) failed (%s); range reported all dirty",
+                 dev_.name(), DirtySourceName(source_), r.iova, r.size, s.message());
         all = true;
       }
     }
@@ -251,8 +271,12 @@ absl::Status VfioMigrationDriver::StopDirtyTracking() {
   auto lock = Lock();
   if (!tracking_) return absl::OkStatus();
   tracking_ = false;
-  if (fallback_) return absl::OkStatus();
-  return dev_.StopDmaLogging();
+  const DirtySource source = std::exchange(source_, DirtySource::kNone);
+  switch (source) {
+    case DirtySource::kDeviceDmaLog: return dev_.StopDmaLogging();
+    case DirtySource::kIommu: return dev_.StopIommuDirtyTracking();
+    default: return absl::OkStatus();
+  }
 }
 
 }  // namespace microvmm::vfio

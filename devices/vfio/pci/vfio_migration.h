@@ -1,5 +1,5 @@
 // Device migration of a VFIO device through the uAPI v2 state machine (enum vfio_device_mig_state)
-// plus device DMA dirty tracking (VFIO_DEVICE_FEATURE_DMA_LOGGING_*).
+// plus DMA dirty tracking (device DMA logging, else IOMMU dirty tracking, else all dirty).
 //
 // Arcs used (every one is a single arc of the v2 FSM, see include/uapi/linux/vfio.h):
 //   source, device offers PRE_COPY:
@@ -39,6 +39,16 @@
 
 namespace microvmm::vfio {
 
+// Where the DMA dirty set of a passthrough device comes from, best first.
+enum class DirtySource {
+  kNone,          // dirty tracking is off
+  kDeviceDmaLog,  // the device logs its own DMA (VFIO_DEVICE_FEATURE_DMA_LOGGING_*)
+  kIommu,         // the IOMMU's page tables record device writes (iommufd dirty tracking)
+  kAllMapped,     // neither: every DMA-mapped page counts as dirty on every sync
+};
+// "device DMA log", "IOMMU dirty tracking", "all DMA-mapped RAM" ("off" for kNone).
+const char* DirtySourceName(DirtySource s);
+
 class VfioMigrationDriver {
  public:
   // Checks the migration capabilities; FAILED_PRECONDITION naming the device when it cannot
@@ -73,9 +83,11 @@ class VfioMigrationDriver {
   absl::Status Cancel();
 
   // ---- DMA dirty tracking ----
-  // Starts device DMA logging over `ranges` (the DMA-mapped guest RAM). When the device cannot
-  // log (Unimplemented), falls back to reporting every page of `ranges` dirty on every sync and
-  // says so in a log line; fallback() tells which mode is on.
+  // Starts dirty tracking over `ranges` (the DMA-mapped guest RAM) with the best source (see
+  // DirtySource): device DMA logging; when the device cannot log (Unimplemented), IOMMU dirty
+  // tracking; when that is unavailable or fails to start, every page of `ranges` is reported
+  // dirty on every sync. An error other than Unimplemented from the device's DMA logging is
+  // returned. Logs which source is on; dirty_source() tells it.
   absl::Status StartDirtyTracking(std::vector<DmaRange> ranges, uint64_t page_size = 4096);
   // Calls `fn` once per range with its bitmap (bit i of word w = page 64*w+i of the range).
   // A failed report loses the log: that range is reported all dirty.
@@ -83,7 +95,8 @@ class VfioMigrationDriver {
   absl::Status SyncDirty(const DirtyFn& fn);
   absl::Status StopDirtyTracking();
   bool dirty_tracking() const { return tracking_; }
-  bool fallback() const { return fallback_; }
+  DirtySource dirty_source() const { return source_; }
+  bool fallback() const { return source_ == DirtySource::kAllMapped; }
 
  private:
   VfioMigrationDriver(VfioDevice& dev, std::mutex* mu, MigrationCaps caps)
@@ -102,7 +115,7 @@ class VfioMigrationDriver {
   std::string blob_;
   // Dirty tracking.
   bool tracking_ = false;
-  bool fallback_ = false;
+  DirtySource source_ = DirtySource::kNone;
   uint64_t page_size_ = 4096;
   std::vector<DmaRange> ranges_;
 };

@@ -19,6 +19,14 @@ using pci::BarType;
 constexpr uint16_t kCommandPassthrough =
     pci::kCommandIo | pci::kCommandMemory | pci::kCommandBusMaster | pci::kCommandIntxDisable;
 
+// MSI message control (PCI 3.0 §6.8.1.3).
+constexpr uint16_t kMsiCtlEnable = 1u << 0;
+constexpr uint16_t kMsiCtlMmcMask = 0x7u << 1;  // multiple message capable (log2), read-only
+constexpr uint16_t kMsiCtlMmeMask = 0x7u << 4;  // multiple message enable (log2)
+constexpr uint16_t kMsiCtl64Bit = 1u << 7;
+constexpr uint16_t kMsiCtlMaskable = 1u << 8;   // per-vector masking capable
+constexpr uint32_t kMsiMaxVectors = 32;
+
 uint32_t Le(std::span<const uint8_t> b, uint32_t off, unsigned size) {
   uint32_t v = 0;
   for (unsigned i = 0; i < size && off + i < b.size(); ++i) v |= uint32_t{b[off + i]} << (8 * i);
@@ -180,6 +188,10 @@ absl::Status VfioPciDevice::BuildCapabilities(std::span<const uint8_t> phys) {
       absl::Status s = SetUpMsix(phys, off);
       if (!s.ok()) return s;
       keep = msix_cap_.has_value();
+    } else if (id == pci::kCapIdMsi && !msi_cap_.has_value()) {
+      absl::Status s = SetUpMsi(phys, off, len);
+      if (!s.ok()) return s;
+      keep = msi_cap_.has_value();
     }
     if (!keep) continue;
     for (uint32_t i = 0; i < len; ++i) config_.WriteRaw(off + i, 1, phys[off + i]);
@@ -202,9 +214,72 @@ absl::Status VfioPciDevice::BuildCapabilities(std::span<const uint8_t> phys) {
     config_.SetWriteMask(ctl, 2, pci::kMsixControlEnable | pci::kMsixControlFunctionMask);
     config_.AddWriteObserver(ctl, 2, [this] { OnMsixControl(); });
   }
+  if (msi_cap_) InitMsiShadow();
   return absl::OkStatus();
 }
 
+absl::Status VfioPciDevice::SetUpMsi(std::span<const uint8_t> phys, uint32_t cap, uint32_t len) {
+  // MSI is optional (INTx remains): every problem hides it with a warning instead of failing.
+  uint16_t flags = static_cast<uint16_t>(Le(phys, cap + 2, 2));
+  bool is64 = flags & kMsiCtl64Bit, maskable = flags & kMsiCtlMaskable;
+  uint32_t need = (is64 ? 14 : 10) + (maskable ? 10 : 0);
+  if (len < need) {
+    LOG_WARN("%s: MSI capability at %#x overlaps the next one; MSI hidden", dev_->name(), cap);
+    return absl::OkStatus();
+  }
+  absl::StatusOr<IrqInfo> irq = dev_->GetIrqInfo(kMsiIrqIndex);
+  if (!irq.ok() || irq->count == 0 || !irq->eventfd) {
+    LOG_WARN("%s: MSI capability but no MSI eventfd interrupts; MSI hidden", dev_->name());
+    return absl::OkStatus();
+  }
+  if (options_.gsi_router == nullptr) {
+    LOG_WARN("%s: MSI needs VfioPciOptions::gsi_router; MSI hidden", dev_->name());
+    return absl::OkStatus();
+  }
+  // Vectors: 2^MMC (encodings 6 and 7 are reserved: 32), no more than the device's MSI irqs
+  // (vfio-pci reports 2^MMC), kept a power of two (the MMC encoding).
+  uint32_t n = std::min(1u << std::min<uint32_t>((flags & kMsiCtlMmcMask) >> 1, 5), irq->count);
+  while (n & (n - 1)) n &= n - 1;
+  absl::StatusOr<std::unique_ptr<pci::MsixTable>> t =
+      pci::MsixTable::Create(*options_.gsi_router, static_cast<uint16_t>(n));
+  if (!t.ok()) {
+    LOG_WARN("%s: MSI hidden: %s", dev_->name(), t.status().message());
+    return absl::OkStatus();
+  }
+  msi_ = std::move(*t);
+  msi_cap_ = cap;
+  msi_len_ = need;
+  msi_64bit_ = is64;
+  msi_maskable_ = maskable;
+  return absl::OkStatus();
+}
+
+void VfioPciDevice::InitMsiShadow() {
+  const uint32_t cap = *msi_cap_;
+  const uint32_t n = msi_->num_vectors();
+  config_.SetWriteMask(cap + 2, 2, kMsiCtlEnable | kMsiCtlMmeMask);
+  config_.SetWriteMask(cap + 4, 4, 0xfffffffc);  // address bits 1:0 are reserved (dword)
+  if (msi_64bit_) config_.SetWriteMask(cap + 8, 4, 0xffffffff);
+  config_.SetWriteMask(msi_data_reg(), 2, 0xffff);  // 16-bit data; extended data not offered
+  // Mask bits of vectors the function does not implement are reserved (read-only 0); the
+  // pending register is read-only (ReadConfig fills it in live).
+  if (msi_maskable_)
+    config_.SetWriteMask(msi_mask_reg(), 4, n >= 32 ? 0xffffffffu : (1u << n) - 1);
+  ResetMsiShadow();
+  config_.AddWriteObserver(cap + 2, msi_len_ - 2, [this] { OnMsiWrite(); });
+}
+
+void VfioPciDevice::ResetMsiShadow() {
+  const uint32_t cap = *msi_cap_;
+  uint32_t log2n = 0;
+  while ((1u << log2n) < msi_->num_vectors()) ++log2n;
+  // Only the 64-bit and maskable capabilities and our MMC; extended message data (bits 9/10)
+  // and anything reserved read 0.
+  uint16_t ctl = (msi_64bit_ ? kMsiCtl64Bit : 0) | (msi_maskable_ ? kMsiCtlMaskable : 0) |
+                 static_cast<uint16_t>(log2n << 1);
+  config_.WriteRaw(cap + 2, 2, ctl);
+  for (uint32_t i = 4; i < msi_len_; ++i) config_.WriteRaw(cap + i, 1, 0);
+}
 absl::Status VfioPciDevice::SetUpMsix(std::span<const uint8_t> phys, uint32_t cap) {
   uint16_t n = static_cast<uint16_t>((Le(phys, cap + 2, 2) & pci::kMsixControlTableSizeMask) + 1);
   uint32_t table = Le(phys, cap + 4, 4), pba = Le(phys, cap + 8, 4);
@@ -342,6 +417,16 @@ uint32_t VfioPciDevice::ReadConfig(uint32_t offset, unsigned size) {
   CatchUpCommand();
   uint32_t v = config_.Read(offset, size);
   if (!ValidConfigAccess(offset, size)) return v;
+  if (msi_maskable_ && offset < msi_pending_reg() + 4 && msi_pending_reg() < offset + size) {
+    // MSI pending bits are live: a masked vector with events in its eventfd.
+    uint32_t bits = MsiPendingBits();
+    for (unsigned i = 0; i < size; ++i) {
+      uint32_t o = offset + i;
+      if (o < msi_pending_reg() || o >= msi_pending_reg() + 4) continue;
+      uint32_t b = (bits >> (8 * (o - msi_pending_reg()))) & 0xff;
+      v = (v & ~(0xffu << (8 * i))) | (b << (8 * i));
+    }
+  }
   bool any = false;
   for (unsigned i = 0; i < size; ++i) any |= passthrough_[offset + i];
   if (!any) return v;
@@ -414,6 +499,13 @@ void VfioPciDevice::OnMsixControl() {
   if (!msix_ || !msix_cap_) return;
   uint16_t ctl = static_cast<uint16_t>(config_.ReadRaw(*msix_cap_ + 2, 2));
   bool enable = ctl & pci::kMsixControlEnable;
+  if (enable && MsiEnableBit()) {
+    // Software must not enable both (PCI 3.0 §6.8.2); vfio-pci allows one type: refused.
+    LOG_WARN_RATELIMITED("%s: guest enabled MSI-X while MSI is enabled; refused", name());
+    ctl &= ~pci::kMsixControlEnable;
+    config_.WriteRaw(*msix_cap_ + 2, 2, ctl);
+    enable = false;
+  }
   // Enabling: routes first, then the device; disabling: the device first.
   if (enable) {
     msix_->SetMessageControl(ctl);
@@ -441,6 +533,97 @@ absl::Status VfioPciDevice::ConnectMsix(bool enable) {
     s = dev_->SetIrqs(kMsixIrqIndex, 0, {});
     if (s.ok()) msix_connected_ = false;
     if (absl::Status i = ConnectIntxLocked(true); !i.ok()) NoteError(i);
+  }
+  return s;
+}
+
+bool VfioPciDevice::MsiEnableBit() const {
+  return msi_cap_ && (config_.ReadRaw(*msi_cap_ + 2, 2) & kMsiCtlEnable);
+}
+
+bool VfioPciDevice::MsixEnableBit() const {
+  return msix_cap_ && (config_.ReadRaw(*msix_cap_ + 2, 2) & pci::kMsixControlEnable);
+}
+
+uint32_t VfioPciDevice::MsiPendingBits() const {
+  uint32_t bits = 0;
+  if (msi_)
+    for (uint16_t v = 0; v < msi_->num_vectors() && v < kMsiMaxVectors; ++v)
+      if (msi_->pending(v)) bits |= 1u << v;
+  return bits;
+}
+
+void VfioPciDevice::OnMsiWrite() {
+  if (!msi_ || !msi_cap_) return;
+  const uint32_t cap = *msi_cap_;
+  uint16_t ctl = static_cast<uint16_t>(config_.ReadRaw(cap + 2, 2));
+  // MME above MMC is undefined in the spec: the function cannot do more than MMC, so clamp
+  // (and show the guest the clamped value).
+  uint32_t mmc = (ctl & kMsiCtlMmcMask) >> 1, mme = (ctl & kMsiCtlMmeMask) >> 4;
+  mme = std::min(mme, mmc);
+  bool enable = ctl & kMsiCtlEnable;
+  if (enable && MsixEnableBit()) {
+    LOG_WARN_RATELIMITED("%s: guest enabled MSI while MSI-X is enabled; refused", name());
+    enable = false;
+  }
+  ctl = static_cast<uint16_t>((ctl & ~(kMsiCtlMmeMask | kMsiCtlEnable)) | (mme << 4) |
+                              (enable ? kMsiCtlEnable : 0));
+  config_.WriteRaw(cap + 2, 2, ctl);
+  const uint32_t count = 1u << mme;
+  const uint64_t addr = config_.ReadRaw(cap + 4, 4) |
+                        (msi_64bit_ ? uint64_t{config_.ReadRaw(cap + 8, 4)} << 32 : 0);
+  const uint32_t data = config_.ReadRaw(msi_data_reg(), 2);
+  const uint32_t mask = msi_maskable_ ? config_.ReadRaw(msi_mask_reg(), 4) : 0;
+  // Mirror the capability into the vector engine in one table write (one routing push): vector
+  // v carries the message data with its low MME bits replaced by v (PCI 3.0 §6.8.1.5); vectors
+  // beyond 2^MME and masked ones are masked entries (irqfd detached, events stay pending).
+  std::vector<uint8_t> table(size_t{pci::kMsixEntryBytes} * msi_->num_vectors());
+  for (uint32_t v = 0; v < msi_->num_vectors(); ++v) {
+    const uint32_t words[4] = {
+        static_cast<uint32_t>(addr), static_cast<uint32_t>(addr >> 32),
+        (data & ~(count - 1)) | (v & (count - 1)),
+        (v >= count || ((mask >> v) & 1)) ? pci::kMsixVectorMasked : 0};
+    for (uint32_t w = 0; w < 4; ++w)
+      for (uint32_t b = 0; b < 4; ++b)
+        table[pci::kMsixEntryBytes * v + 4 * w + b] = static_cast<uint8_t>(words[w] >> (8 * b));
+  }
+  msi_->WriteTable(0, table);
+  // Enabling: routes first, then the device; disabling: the device first.
+  if (enable) {
+    msi_->SetMessageControl(pci::kMsixControlEnable);
+    if (!msi_connected_ || msi_count_ != count) NoteError(ConnectMsi(true, count));
+  } else {
+    if (msi_connected_) NoteError(ConnectMsi(false, 0));
+    msi_->SetMessageControl(0);
+  }
+}
+
+absl::Status VfioPciDevice::ConnectMsi(bool enable, uint32_t count) {
+  std::lock_guard lock(dev_mu_);
+  if (detached_) return absl::OkStatus();
+  if (!enable) {
+    absl::Status s = dev_->SetIrqs(kMsiIrqIndex, 0, {});
+    if (s.ok()) msi_connected_ = false;
+    // MSI enable off: the function may use INTx again (as on hardware).
+    if (absl::Status i = ConnectIntxLocked(true); !i.ok()) NoteError(i);
+    return s;
+  }
+  if (msi_connected_) {
+    // vfio-pci fixes the vector count when MSI is enabled: a new count is disable + enable
+    // (INTx stays off in between).
+    if (absl::Status s = dev_->SetIrqs(kMsiIrqIndex, 0, {}); !s.ok()) return s;
+    msi_connected_ = false;
+  } else if (absl::Status i = ConnectIntxLocked(false); !i.ok()) {
+    NoteError(i);  // one interrupt type at a time: INTx goes first
+  }
+  std::vector<int> fds;
+  for (uint32_t v = 0; v < count; ++v) fds.push_back(msi_->eventfd(static_cast<uint16_t>(v)));
+  absl::Status s = dev_->SetIrqs(kMsiIrqIndex, 0, fds);
+  if (s.ok()) {
+    msi_connected_ = true;
+    msi_count_ = count;
+  } else if (absl::Status i = ConnectIntxLocked(true); !i.ok()) {
+    NoteError(i);  // MSI did not take: the device keeps INTx
   }
   return s;
 }
@@ -598,6 +781,7 @@ absl::Status VfioPciDevice::DetachDma() {
 absl::Status VfioPciDevice::Reset() {
   if (detached_) return absl::FailedPreconditionError(name() + ": detached");
   if (msix_connected_) NoteError(ConnectMsix(false));  // INTx is back on after this
+  if (msi_connected_) NoteError(ConnectMsi(false, 0));
   absl::Status s;
   {
     std::lock_guard lock(dev_mu_);
@@ -609,6 +793,10 @@ absl::Status VfioPciDevice::Reset() {
     config_.WriteRaw(ctl, 2,
                      config_.ReadRaw(ctl, 2) &
                          ~uint32_t{pci::kMsixControlEnable | pci::kMsixControlFunctionMask});
+  }
+  if (msi_) {
+    msi_->Reset();
+    ResetMsiShadow();
   }
   config_.WriteRaw(pci::kRegCommand, 2, 0);
   SyncCommand();
@@ -624,6 +812,7 @@ absl::Status VfioPciDevice::Detach() {
   };
   if (migration_ && migration_->dirty_tracking()) note(migration_->StopDirtyTracking());
   if (msix_connected_) note(ConnectMsix(false));
+  if (msi_connected_) note(ConnectMsi(false, 0));
   // Stop the device decoding and mastering before its DMA mappings go away.
   config_.WriteRaw(pci::kRegCommand, 2, 0);
   SyncCommand();
@@ -659,6 +848,7 @@ std::string VfioPciDevice::SaveState(std::span<const uint8_t> device_blob) const
   if (msix_) *st.mutable_msix() = msix_->SaveState();
   st.set_device_blob(device_blob.data(), device_blob.size());
   if (dma_model_) st.set_dma_model(dma_model_->SaveState());
+  st.set_msi_pending(MsiPendingBits());
   return st.SerializeAsString();
 }
 
@@ -697,6 +887,8 @@ absl::Status VfioPciDevice::RestoreState(const std::string& data, bool run) {
   if (absl::Status s = take(0, pci::kCapabilityAreaStart); !s.ok()) return s;
   if (msix_cap_)
     if (absl::Status s = take(*msix_cap_, pci::kMsixCapabilityBytes); !s.ok()) return s;
+  if (msi_cap_)  // read-only bits: 64-bit/maskable/MMC (same vector count), pending (zero)
+    if (absl::Status s = take(*msi_cap_, msi_len_); !s.ok()) return s;
   for (int i = 0; i < 6; ++i) {
     uint64_t a = st.config().bar_mapped(i);
     uint64_t sz = config_.bar_size(i);
@@ -724,12 +916,22 @@ absl::Status VfioPciDevice::RestoreState(const std::string& data, bool run) {
       !s.ok())
     return s;
   if (msix_connected_) NoteError(ConnectMsix(false));
+  if (msi_connected_) NoteError(ConnectMsi(false, 0));
   PciConfigState cs = st.config();
   cs.set_regs(merged);
   if (absl::Status s = config_.RestoreState(cs); !s.ok()) return s;
   if (msix_) {
     if (absl::Status s = msix_->RestoreState(st.msix()); !s.ok()) NoteError(s);
     OnMsixControl();
+  }
+  if (msi_) {
+    // The shadow holds the MSI registers: rebuild the vectors from it (a saved state with both
+    // enable bits set keeps only one, see OnMsixControl/OnMsiWrite), then re-raise the vectors
+    // that were pending (masked) at save time; bits of absent vectors are ignored.
+    msi_->Reset();
+    OnMsiWrite();
+    for (uint16_t v = 0; v < msi_->num_vectors() && v < kMsiMaxVectors; ++v)
+      if ((st.msi_pending() >> v) & 1) msi_->Trigger(v);
   }
   SyncCommand();
   ReconcileDirectMaps();

@@ -15,8 +15,9 @@
 //         PM (01)          read-only snapshot (guest power-state changes are dropped),
 //         PCI Express (10) read-only snapshot (device control writes are dropped: FLR goes
 //                          through Reset(), payload/read-request sizes stay as the host set them),
+//         MSI (05)         virtualised (enable, MME, address, data, per-vector mask; see below),
 //         MSI-X (11)       virtualised (enable + function mask writable, see below).
-//       Everything else (MSI, vendor-specific, ...) is unlinked and its bytes read as zero.
+//       Everything else (vendor-specific, ...) is unlinked and its bytes read as zero.
 //     - PCIe extended space (0x100..0xFFF) reads zero: no extended capabilities (AER, SR-IOV...).
 //   pass-through: the remaining bytes of 0x40..0xFF (device-specific registers outside every
 //     capability) are read from and written to the device.
@@ -34,7 +35,19 @@
 // INTx (only with an IntxRouter): an eventfd trigger + a resample eventfd, attached to the
 //   INTx GSI as a KVM resample irqfd (level-triggered); the resample fd is the device's unmask
 //   fd (SetIrqUnmaskFd), so an EOI by the guest unmasks INTx in the device/kernel directly.
-// MSI (non-X) is hidden: guests use MSI-X or INTx.
+// MSI (only with a gsi_router and MSI eventfd irqs on the device; else hidden): the capability
+//   is a shadow (never forwarded); its vectors use a pci::MsixTable as the engine (one GSI +
+//   eventfd per vector, irqfd attached while deliverable). Vector count n = 2^MMC, clamped to
+//   the device's MSI irq count (MMC in the shadow lowered to match). On enable the guest's
+//   2^MME vectors (MME clamped to MMC) get KVM MSI routes with the guest's address and data
+//   with its low MME bits replaced by the vector number (PCI 3.0 §6.8.1.5), and the device
+//   gets their eventfds with SetIrqs(kMsiIrqIndex). A masked vector (per-vector masking) has
+//   its irqfd detached: the device's interrupts accumulate in the eventfd and show as the
+//   vector's pending bit (read live), delivered on unmask. Clearing enable disables the index
+//   on the device and gives INTx back; changing MME while enabled re-enables with the new
+//   count. MSI and MSI-X are mutually exclusive (vfio-pci allows one interrupt type; the spec
+//   says software must not enable both): an enable of one while the other's enable bit is set
+//   is refused — the bit is cleared in the shadow (Linux never does this).
 //
 // Threading: guest config accesses are serialised by PciRootBus; BAR accesses may come from any
 // vCPU thread. Every call into the VfioDevice is under one mutex (the migration driver shares
@@ -119,8 +132,8 @@ class VfioPciDevice : public pci::PciDevice {
   absl::Status DetachDma();
   const std::vector<DmaRange>& dma_ranges() const { return dma_ranges_; }
 
-  // Function-level reset of device and model: MSI-X disabled, command cleared, direct BAR maps
-  // dropped (memory decode is off); BAR addresses and INTx wiring stay.
+  // Function-level reset of device and model: MSI and MSI-X disabled, command cleared, direct
+  // BAR maps dropped (memory decode is off); BAR addresses and INTx wiring stay.
   absl::Status Reset();
   // Disconnects every interrupt, unmaps BARs and DMA. Idempotent; the device is dead afterwards.
   absl::Status Detach();
@@ -129,13 +142,13 @@ class VfioPciDevice : public pci::PciDevice {
   // The device's migration driver (created on first use; refuses a device without migration
   // support with an error naming it).
   absl::StatusOr<VfioMigrationDriver*> migration();
-  // Model state (config shadow + MSI-X table) and the device blob, as one serialized
-  // VfioPciState.
+  // Model state (config shadow incl. MSI, MSI-X table, MSI pending bits) and the device blob,
+  // as one serialized VfioPciState.
   std::string SaveState(std::span<const uint8_t> device_blob) const;
   // Validates `data` completely before touching anything, loads the device blob through the
   // migration driver (RESUMING; `run`: device RUNNING afterwards), then re-applies the model:
-  // command register, MSI-X enable (SetIrqs), direct BAR maps; the device runs last, with its
-  // interrupts already connected. The VM calls PciRootBus::RemapAll() afterwards (BAR windows).
+  // command register, MSI-X / MSI enable (SetIrqs), direct BAR maps; the device runs last, with
+  // its interrupts already connected. The VM calls PciRootBus::RemapAll() afterwards (BAR windows).
   absl::Status RestoreState(const std::string& data, bool run = true);
 
   // ---- Post-copy (destination) ----
@@ -154,6 +167,11 @@ class VfioPciDevice : public pci::PciDevice {
   pci::MsixTable* msix() { return msix_.get(); }
   std::optional<uint32_t> msix_cap_offset() const { return msix_cap_; }
   bool msix_connected() const { return msix_connected_; }
+  // MSI vector engine (entries mirror the MSI capability; vectors >= 2^MME stay masked).
+  pci::MsixTable* msi() { return msi_.get(); }
+  std::optional<uint32_t> msi_cap_offset() const { return msi_cap_; }
+  bool msi_connected() const { return msi_connected_; }
+  uint32_t msi_connected_vectors() const { return msi_connected_ ? msi_count_ : 0; }
   int intx_trigger_fd() const { return intx_trigger_ ? intx_trigger_->fd() : -1; }
   int intx_resample_fd() const { return intx_resample_ ? intx_resample_->fd() : -1; }
   struct DirectMap {
@@ -173,6 +191,9 @@ class VfioPciDevice : public pci::PciDevice {
   absl::Status Init(std::span<const uint8_t> phys);
   absl::Status BuildCapabilities(std::span<const uint8_t> phys);
   absl::Status SetUpMsix(std::span<const uint8_t> phys, uint32_t cap);
+  absl::Status SetUpMsi(std::span<const uint8_t> phys, uint32_t cap, uint32_t len);
+  void InitMsiShadow();   // write masks + observer, then ResetMsiShadow
+  void ResetMsiShadow();  // MSI registers to their reset values (disabled, MME 0, zeros)
   absl::Status SetUpDirectMaps();
   absl::Status SetUpIntx(uint8_t pin);
   enum class MsixPart { kNone, kTable, kPba, kStraddle };
@@ -183,6 +204,16 @@ class VfioPciDevice : public pci::PciDevice {
   void CatchUpCommand();     // SyncCommand + direct maps if the shadow changed behind our back
   void OnMsixControl();      // guest wrote MSI-X message control
   absl::Status ConnectMsix(bool enable);
+  void OnMsiWrite();         // guest wrote the MSI capability
+  // enable: device MSI index on with `count` vectors (re-enabled if the count changed).
+  absl::Status ConnectMsi(bool enable, uint32_t count);
+  bool MsiEnableBit() const;
+  bool MsixEnableBit() const;
+  uint32_t MsiPendingBits() const;
+  // MSI register offsets (absolute, in config space).
+  uint32_t msi_data_reg() const { return *msi_cap_ + (msi_64bit_ ? 0xc : 0x8); }
+  uint32_t msi_mask_reg() const { return msi_data_reg() + 4; }
+  uint32_t msi_pending_reg() const { return msi_data_reg() + 8; }
   void ReconcileDirectMaps();
   void NoteError(const absl::Status& s);
 
@@ -199,6 +230,13 @@ class VfioPciDevice : public pci::PciDevice {
   uint64_t msix_table_off_ = 0, msix_pba_off_ = 0;
   uint32_t msix_irq_count_ = 0;
   bool msix_connected_ = false;
+  std::unique_ptr<pci::MsixTable> msi_;
+  std::optional<uint32_t> msi_cap_;
+  uint32_t msi_len_ = 0;     // capability bytes (10, 14, 20 or 24)
+  bool msi_64bit_ = false;
+  bool msi_maskable_ = false;
+  bool msi_connected_ = false;
+  uint32_t msi_count_ = 0;   // vectors given to the device while connected
   std::atomic<uint16_t> synced_command_{0xffff};  // shadow command last pushed to the device
   std::optional<pci::EventFd> intx_trigger_;
   std::optional<pci::EventFd> intx_resample_;

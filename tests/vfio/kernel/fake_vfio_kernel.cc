@@ -136,6 +136,10 @@ int FakeVfioKernel::Close(int fd) {
   if (it->second.kind == Kind::kGroup && it->second.container >= 0) {
     if (auto c = fds_.find(it->second.container); c != fds_.end()) c->second.groups--;
   }
+  if (it->second.kind == Kind::kIommufd) {  // every object of an iommufd dies with it
+    hwpts_.clear();
+    ioas_ids_.clear();
+  }
   fds_.erase(it);
   return 0;
 }
@@ -229,6 +233,135 @@ int FakeVfioKernel::GroupIoctl(Obj& o, unsigned long request, void* arg) {
   return Fail(ENOTTY);
 }
 
+bool FakeVfioKernel::DevBound() const {
+  for (const auto& [fd, o] : fds_) {
+    if (o.kind == Kind::kDevice && o.bound) return true;
+  }
+  return false;
+}
+
+uint32_t FakeVfioKernel::attached_pt() const {
+  for (const auto& [fd, o] : fds_) {
+    if (o.kind == Kind::kDevice && o.attached) return o.pt;
+  }
+  return 0;
+}
+
+int FakeVfioKernel::iommufd_fd() const {
+  for (const auto& [fd, o] : fds_) {
+    if (o.kind == Kind::kIommufd) return fd;
+  }
+  return -1;
+}
+
+void FakeVfioKernel::DeviceWrites(uint64_t iova) {
+  iova &= ~(kPage - 1);
+  if (logging) dirty_pages.insert(iova);
+  const uint32_t pt = attached_pt();
+  auto h = hwpts_.find(pt);
+  if (h == hwpts_.end() || !h->second.tracking) return;
+  for (const auto& [start, m] : dma) {
+    if (iova >= start && iova - start < m.size) iommu_dirty_pages.insert(iova);
+  }
+}
+
+// Errnos as iommufd uses them: ENOTTY unknown ioctl, EOPNOTSUPP known field with an unsupported
+// value, EINVAL a wrong value, ENOENT unknown object ID, EOVERFLOW arithmetic overflow.
+int FakeVfioKernel::HwptIoctl(unsigned long request, void* arg) {
+  switch (request) {
+    case uapi::kIommuGetHwInfo: {
+      if (!hw_info_supported) return Fail(ENOTTY);
+      auto h = Load<uapi::iommu_hw_info>(arg);
+      if (h.size < sizeof(h)) return Fail(EINVAL);
+      if (h.flags || h.reserved) return Fail(EOPNOTSUPP);
+      if (h.dev_id != kDevId || !DevBound()) return Fail(ENOENT);
+      h.data_len = 0;  // we model no vendor data (the caller passes none)
+      h.out_data_type = 1;  // IOMMU_HW_INFO_TYPE_INTEL_VTD
+      h.out_capabilities = iommu_dirty_cap ? uapi::kIommuHwCapDirtyTracking : 0;
+      Store(arg, h);
+      return 0;
+    }
+    case uapi::kIommuHwptAlloc: {
+      auto a = Load<uapi::iommu_hwpt_alloc>(arg);
+      if (a.size < sizeof(a)) return Fail(EINVAL);
+      if (a.flags & ~(uapi::kIommuHwptAllocNestParent | uapi::kIommuHwptAllocDirtyTracking) ||
+          a.reserved || a.data_type != uapi::kIommuHwptDataNone) {
+        return Fail(EOPNOTSUPP);
+      }
+      if (a.data_len || a.data_uptr) return Fail(EINVAL);
+      if (a.dev_id != kDevId || !DevBound() || !ioas_ids_.count(a.pt_id)) return Fail(ENOENT);
+      const bool dirty = a.flags & uapi::kIommuHwptAllocDirtyTracking;
+      if (dirty && !iommu_dirty_cap) return Fail(EOPNOTSUPP);
+      a.out_hwpt_id = next_ioas_++;
+      hwpts_[a.out_hwpt_id] = {a.pt_id, dirty, false};
+      Store(arg, a);
+      return 0;
+    }
+    case uapi::kIommuHwptSetDirtyTracking: {
+      auto t = Load<uapi::iommu_hwpt_set_dirty_tracking>(arg);
+      if (t.size < sizeof(t)) return Fail(EINVAL);
+      if (t.flags & ~uapi::kIommuHwptDirtyTrackingEnable || t.reserved) return Fail(EOPNOTSUPP);
+      auto h = hwpts_.find(t.hwpt_id);
+      if (h == hwpts_.end()) return Fail(ENOENT);
+      if (!h->second.dirty) return Fail(EOPNOTSUPP);
+      const bool on = t.flags & uapi::kIommuHwptDirtyTrackingEnable;
+      if (on && !h->second.tracking) iommu_dirty_pages.clear();  // enabling clears stale bits
+      h->second.tracking = on;
+      return 0;
+    }
+    case uapi::kIommuHwptGetDirtyBitmap: {
+      auto g = Load<uapi::iommu_hwpt_get_dirty_bitmap>(arg);
+      if (g.size < sizeof(g)) return Fail(EINVAL);
+      if (g.flags & ~uapi::kIommuHwptGetDirtyBitmapNoClear || g.reserved) {
+        return Fail(EOPNOTSUPP);
+      }
+      auto h = hwpts_.find(g.hwpt_id);
+      if (h == hwpts_.end()) return Fail(ENOENT);
+      if (!h->second.dirty) return Fail(EOPNOTSUPP);
+      if (!h->second.tracking) return Fail(EINVAL);  // like the VT-d driver
+      if (g.length == 0 || g.iova + g.length - 1 < g.iova) return Fail(EOVERFLOW);
+      // iommufd_check_iova_range: IOAS alignment (4 KiB here) and page_size alignment.
+      if (g.page_size == 0 || (g.page_size & (g.page_size - 1)) || g.iova % kPage ||
+          g.length % kPage || g.iova % g.page_size || g.length % g.page_size ||
+          g.data == 0 || g.data % 8) {
+        return Fail(EINVAL);
+      }
+      auto* bitmap = reinterpret_cast<uint64_t*>(g.data);
+      for (auto it = iommu_dirty_pages.begin(); it != iommu_dirty_pages.end();) {
+        if (*it >= g.iova && *it - g.iova < g.length) {
+          const uint64_t bit = (*it - g.iova) / g.page_size;
+          bitmap[bit / 64] |= 1ull << (bit % 64);  // bits are only set, never cleared
+          if (!(g.flags & uapi::kIommuHwptGetDirtyBitmapNoClear)) {
+            it = iommu_dirty_pages.erase(it);
+            continue;
+          }
+        }
+        ++it;
+      }
+      return 0;
+    }
+    case uapi::kIommuDestroy: {
+      auto d = Load<uapi::iommu_destroy>(arg);
+      if (d.size < sizeof(d)) return Fail(EINVAL);
+      if (auto h = hwpts_.find(d.id); h != hwpts_.end()) {
+        if (attached_pt() == d.id) return Fail(EBUSY);
+        hwpts_.erase(h);
+        return 0;
+      }
+      if (ioas_ids_.count(d.id)) {
+        if (attached_pt() == d.id) return Fail(EBUSY);
+        for (const auto& [id, h] : hwpts_) {
+          if (h.ioas == d.id) return Fail(EBUSY);
+        }
+        ioas_ids_.erase(d.id);
+        return 0;
+      }
+      return Fail(ENOENT);
+    }
+  }
+  return Fail(ENOTTY);
+}
+
 int FakeVfioKernel::IommufdIoctl(Obj& /*o*/, unsigned long request, void* arg) {
   switch (request) {
     case uapi::kIommuIoasAlloc: {
@@ -256,7 +389,7 @@ int FakeVfioKernel::IommufdIoctl(Obj& /*o*/, unsigned long request, void* arg) {
       return 0;
     }
   }
-  return Fail(ENOTTY);
+  return HwptIoctl(request, arg);
 }
 
 int FakeVfioKernel::DmaMapRange(uint64_t iova, uint64_t size, uint64_t vaddr, bool writable) {
@@ -295,15 +428,18 @@ int FakeVfioKernel::DeviceIoctl(Obj& o, unsigned long request, void* arg) {
     if (i == fds_.end() || i->second.kind != Kind::kIommufd) return Fail(EBADF);
     if (device_busy) return Fail(EBUSY);
     o.bound = true;
-    b.out_devid = 7;
+    b.out_devid = kDevId;
     Store(arg, b);
     return 0;
   }
   if (request == uapi::kVfioDeviceAttachIommufdPt) {
     auto a = Load<uapi::vfio_device_attach_iommufd_pt>(arg);
     if (!o.bound || a.argsz < sizeof(a) || a.flags) return Fail(EINVAL);
-    if (!ioas_ids_.count(a.pt_id)) return Fail(ENOENT);
-    o.attached = true;
+    auto h = hwpts_.find(a.pt_id);
+    if (!ioas_ids_.count(a.pt_id) && h == hwpts_.end()) return Fail(ENOENT);
+    if (h != hwpts_.end() && h->second.dirty && refuse_dirty_hwpt_attach) return Fail(EINVAL);
+    o.attached = true;  // attaching again replaces the previous attachment (cdev "replace")
+    o.pt = a.pt_id;
     return 0;
   }
   // A cdev is unusable until bound (the kernel refuses every other ioctl).

@@ -2,7 +2,8 @@
 // tree (symlinks + directories), the /dev nodes, and fd objects (container, group, device cdev,
 // iommufd, migration data fds) whose ioctls follow the uAPI rules the backend depends on
 // (argsz, capability chains, DMA overlap -> EEXIST, migration FSM arcs and data fds, DMA
-// logging). Failures can be scripted per ioctl request / per opened path. One PCI device.
+// logging, IOMMU dirty tracking through HWPTs). Failures can be scripted per ioctl request / per
+// opened path. One PCI device.
 #ifndef MICROVMM_TESTS_VFIO_KERNEL_FAKE_VFIO_KERNEL_H_
 #define MICROVMM_TESTS_VFIO_KERNEL_FAKE_VFIO_KERNEL_H_
 
@@ -102,6 +103,24 @@ class FakeVfioKernel : public VfioSys {
   uint64_t logging_page_size = 0;
   std::vector<std::pair<uint64_t, uint64_t>> logging_ranges;
   std::set<uint64_t> dirty_pages;  // 4 KiB-aligned IOVAs the "device" wrote
+  // IOMMU dirty tracking (iommufd): IOMMU_GET_HW_INFO, IOMMU_HWPT_ALLOC (DIRTY_TRACKING),
+  // IOMMU_HWPT_SET_DIRTY_TRACKING, IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_DESTROY.
+  bool hw_info_supported = true;   // false: kernel older than 6.6 (GET_HW_INFO is ENOTTY)
+  bool iommu_dirty_cap = false;    // IOMMU_HW_CAP_DIRTY_TRACKING reported, DIRTY HWPTs allowed
+  bool refuse_dirty_hwpt_attach = false;  // attaching the device to a dirty HWPT: EINVAL
+  std::set<uint64_t> iommu_dirty_pages;   // 4 KiB IOVAs whose IOPTE dirty bit is set
+  // The device writes the 4 KiB page at `iova`: recorded by DMA logging and/or the IOMMU, as far
+  // as each is on (the IOMMU records only mapped IOVAs of a tracking HWPT the device uses).
+  void DeviceWrites(uint64_t iova);
+  int hwpt_count() const { return static_cast<int>(hwpts_.size()); }
+  int iommufd_fd() const;  // the open /dev/iommu fd, -1 = none
+  // Object ID the device cdev is attached to (IOAS or HWPT), 0 = none.
+  uint32_t attached_pt() const;
+  bool is_hwpt(uint32_t id) const { return hwpts_.count(id) != 0; }
+  bool hwpt_tracking(uint32_t id) const {
+    auto it = hwpts_.find(id);
+    return it != hwpts_.end() && it->second.tracking;
+  }
   // Region access log
   std::vector<std::pair<uint32_t, uint64_t>> mmaps;  // (region, offset)
 
@@ -128,7 +147,8 @@ class FakeVfioKernel : public VfioSys {
     Kind kind;
     bool cdev = false;       // device opened through /dev/vfio/devices
     bool bound = false;      // cdev bound to an iommufd
-    bool attached = false;   // cdev attached to an IOAS
+    bool attached = false;   // cdev attached to an IOAS or HWPT
+    uint32_t pt = 0;         // cdev: the IOAS/HWPT it is attached to
     int container = -1;      // group: its container fd
     bool iommu_set = false;  // container: SET_IOMMU done
     int groups = 0;          // container: attached groups
@@ -159,6 +179,15 @@ class FakeVfioKernel : public VfioSys {
   int next_fd_ = 1000;  // never real fd numbers
   uint32_t next_ioas_ = 1;
   std::set<uint32_t> ioas_ids_;
+  struct Hwpt {
+    uint32_t ioas = 0;
+    bool dirty = false;     // allocated with IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+    bool tracking = false;  // IOMMU_HWPT_SET_DIRTY_TRACKING enabled
+  };
+  std::map<uint32_t, Hwpt> hwpts_;  // IDs share the IOAS ID space, like iommufd objects
+  static constexpr uint32_t kDevId = 7;  // out_devid of a bound device
+  bool DevBound() const;
+  int HwptIoctl(unsigned long request, void* arg);
   uint64_t session_ = 0;  // current migration data session; 0 = none
   std::map<unsigned long, std::deque<int>> ioctl_fail_;
   std::map<std::string, std::deque<int>> open_fail_;

@@ -83,8 +83,9 @@ inline void SetUpKernel(FakeVfioKernel& k) {
 }
 
 // The fake kernel plus two vfio-pci rules the PCI model depends on:
-//   - one interrupt type at a time: enabling MSI-X triggers while INTx is set up (or INTx while
-//     MSI-X is) is EINVAL (vfio_pci_set_irqs_ioctl / vfio_pci_set_msi_trigger);
+//   - one interrupt type at a time: setting triggers of INTx, MSI or MSI-X while another of them
+//     is set up is EINVAL (vfio_pci_set_irqs_ioctl / vfio_pci_set_msi_trigger), and so is
+//     growing the MSI vector count while MSI is enabled;
 //   - the PRE_COPY -> STOP_COPY arc of devices without P2P (the base fake only models the
 //     PRE_COPY_P2P -> STOP_COPY one; the data stream continues the same way).
 class PciFakeKernel : public FakeVfioKernel {
@@ -100,15 +101,25 @@ class PciFakeKernel : public FakeVfioKernel {
           if (t != -1) return true;
         return false;
       };
-      if (trigger_fds && set.index == VFIO_PCI_MSIX_IRQ_INDEX && any(VFIO_PCI_INTX_IRQ_INDEX)) {
-        ++irq_type_conflicts;
-        errno = EINVAL;
-        return -1;
+      for (uint32_t other :
+           {VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX}) {
+        if (trigger_fds && set.index <= VFIO_PCI_MSIX_IRQ_INDEX && set.index != other &&
+            any(other)) {
+          ++irq_type_conflicts;
+          errno = EINVAL;
+          return -1;
+        }
       }
-      if (trigger_fds && set.index == VFIO_PCI_INTX_IRQ_INDEX && any(VFIO_PCI_MSIX_IRQ_INDEX)) {
-        ++irq_type_conflicts;
-        errno = EINVAL;
-        return -1;
+      // vfio_msi_set_block: with MSI enabled, vectors beyond the count enabled are EINVAL
+      // (a new count needs disable + enable).
+      if (trigger_fds && set.index == VFIO_PCI_MSI_IRQ_INDEX) {
+        uint32_t enabled = 0;
+        for (int t : irqs[VFIO_PCI_MSI_IRQ_INDEX].triggers) enabled += t != -1;
+        if (enabled != 0 && set.start + set.count > enabled) {
+          ++irq_type_conflicts;
+          errno = EINVAL;
+          return -1;
+        }
       }
     }
     if (request == VFIO_DEVICE_FEATURE && !(mig_flags & VFIO_MIGRATION_P2P)) {
@@ -248,6 +259,12 @@ class ArcRecorder : public VfioDevice {
     return d_->ReportDmaDirty(iova, size, p, bm);
   }
   absl::Status StopDmaLogging() override { return d_->StopDmaLogging(); }
+  absl::Status StartIommuDirtyTracking() override { return d_->StartIommuDirtyTracking(); }
+  absl::Status ReportIommuDirty(uint64_t iova, uint64_t size, uint64_t p,
+                                std::span<uint64_t> bm) override {
+    return d_->ReportIommuDirty(iova, size, p, bm);
+  }
+  absl::Status StopIommuDirtyTracking() override { return d_->StopIommuDirtyTracking(); }
 
   std::vector<MigState> arcs;
   int resets = 0;

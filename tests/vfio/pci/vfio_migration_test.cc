@@ -3,6 +3,8 @@
 // every intermediate state, and DMA dirty tracking with its fallback.
 #include "devices/vfio/pci/vfio_migration.h"
 
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -300,6 +302,123 @@ TEST(VfioMigration, FailedDirtyReportMeansAllDirty) {
                  got.assign(bm.begin(), bm.end());
                }).ok());
   EXPECT_THAT(got, ElementsAre(0xffu));
+}
+
+
+// ---- Dirty source order: device DMA log, else IOMMU dirty tracking, else all DMA-mapped RAM ----
+// (The KernelVfioDevice is driven directly here: ArcRecorder does not forward the IOMMU calls.)
+
+struct IommuRig {
+  IommuRig(bool dma_logging, bool iommu_dirty) {
+    k.dma_logging_supported = dma_logging;
+    k.iommu_dirty_cap = iommu_dirty;
+    testing::SetUpKernel(k);
+    dev = testing::OpenDevice(k);
+    static char ram[0x10000];
+    EXPECT_TRUE(dev->DmaMap(0, 0x10000, ram, -1, 0, true).ok());
+    EXPECT_TRUE(dev->DmaMap(0x100000, 0x10000, ram, -1, 0, true).ok());
+    auto d = VfioMigrationDriver::Create(*dev);
+    EXPECT_TRUE(d.ok()) << d.status();
+    if (d.ok()) driver = std::move(*d);
+  }
+  std::map<uint64_t, std::vector<uint64_t>> Sync() {
+    std::map<uint64_t, std::vector<uint64_t>> got;
+    EXPECT_TRUE(driver
+                    ->SyncDirty([&](const DmaRange& rg, std::span<const uint64_t> bm) {
+                      got[rg.iova] = std::vector<uint64_t>(bm.begin(), bm.end());
+                    })
+                    .ok());
+    return got;
+  }
+  testing::PciFakeKernel k;
+  std::unique_ptr<KernelVfioDevice> dev;
+  std::unique_ptr<VfioMigrationDriver> driver;
+};
+const std::vector<DmaRange> kTwoRanges = {{0, 0x10000}, {0x100000, 0x10000}};  // 16 pages each
+
+TEST(VfioMigrationDirtySource, Names) {
+  EXPECT_STREQ(DirtySourceName(DirtySource::kDeviceDmaLog), "device DMA log");
+  EXPECT_STREQ(DirtySourceName(DirtySource::kIommu), "IOMMU dirty tracking");
+  EXPECT_STREQ(DirtySourceName(DirtySource::kAllMapped), "all DMA-mapped RAM");
+}
+
+TEST(VfioMigrationDirtySource, DeviceDmaLogFirstEvenWithADirtyIommu) {
+  IommuRig r(/*dma_logging=*/true, /*iommu_dirty=*/true);
+  ASSERT_TRUE(r.dev->has_dirty_hwpt());
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kNone);
+  ASSERT_TRUE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kDeviceDmaLog);
+  EXPECT_TRUE(r.k.logging);
+  EXPECT_FALSE(r.dev->iommu_dirty_tracking());
+  EXPECT_EQ(r.k.ioctl_calls(uapi::kIommuHwptSetDirtyTracking), 0);
+  r.k.DeviceWrites(0x2000);
+  EXPECT_THAT(r.Sync()[0], ElementsAre(0b100u));
+  ASSERT_TRUE(r.driver->StopDirtyTracking().ok());
+  EXPECT_FALSE(r.k.logging);
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kNone);
+}
+
+TEST(VfioMigrationDirtySource, IommuWhenTheDeviceCannotLog) {
+  IommuRig r(/*dma_logging=*/false, /*iommu_dirty=*/true);
+  ASSERT_TRUE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kIommu);
+  EXPECT_FALSE(r.driver->fallback());
+  EXPECT_TRUE(r.dev->iommu_dirty_tracking());
+  EXPECT_TRUE(r.k.hwpt_tracking(r.k.attached_pt()));
+  r.k.DeviceWrites(0x1000);
+  r.k.DeviceWrites(0xf000);
+  r.k.DeviceWrites(0x100000 + 5 * 0x1000);
+  auto got = r.Sync();
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_THAT(got[0], ElementsAre((1u << 1) | (1u << 15)));
+  EXPECT_THAT(got[0x100000], ElementsAre(1u << 5));
+  got = r.Sync();  // cleared on read
+  EXPECT_THAT(got[0], ElementsAre(0u));
+  EXPECT_THAT(got[0x100000], ElementsAre(0u));
+  ASSERT_TRUE(r.driver->StopDirtyTracking().ok());
+  EXPECT_FALSE(r.dev->iommu_dirty_tracking());
+  EXPECT_FALSE(r.k.hwpt_tracking(r.k.attached_pt()));
+}
+
+TEST(VfioMigrationDirtySource, AllMappedWhenNeitherCan) {
+  IommuRig r(/*dma_logging=*/false, /*iommu_dirty=*/false);
+  ASSERT_TRUE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kAllMapped);
+  EXPECT_TRUE(r.driver->fallback());
+  auto got = r.Sync();
+  EXPECT_THAT(got[0], ElementsAre(0xffffu));
+  EXPECT_THAT(got[0x100000], ElementsAre(0xffffu));
+  EXPECT_TRUE(r.driver->StopDirtyTracking().ok());
+}
+
+TEST(VfioMigrationDirtySource, IommuRefusingToStartFallsBackToAllMapped) {
+  IommuRig r(/*dma_logging=*/false, /*iommu_dirty=*/true);
+  r.k.FailIoctl(uapi::kIommuHwptSetDirtyTracking, EIO);
+  ASSERT_TRUE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  EXPECT_EQ(r.driver->dirty_source(), DirtySource::kAllMapped);
+  EXPECT_THAT(r.Sync()[0], ElementsAre(0xffffu));
+  EXPECT_EQ(r.k.ioctl_calls(uapi::kIommuHwptGetDirtyBitmap), 0);
+  ASSERT_TRUE(r.driver->StopDirtyTracking().ok());
+  EXPECT_EQ(r.k.ioctl_calls(uapi::kIommuHwptSetDirtyTracking), 1);  // nothing to turn off
+}
+
+TEST(VfioMigrationDirtySource, FailedIommuReadMeansThatRangeAllDirty) {
+  IommuRig r(/*dma_logging=*/false, /*iommu_dirty=*/true);
+  ASSERT_TRUE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  r.k.DeviceWrites(0x100000 + 3 * 0x1000);
+  r.k.FailIoctl(uapi::kIommuHwptGetDirtyBitmap, EIO);  // the first range's read
+  auto got = r.Sync();
+  EXPECT_THAT(got[0], ElementsAre(0xffffu));
+  EXPECT_THAT(got[0x100000], ElementsAre(1u << 3));
+  ASSERT_TRUE(r.driver->StopDirtyTracking().ok());
+}
+
+TEST(VfioMigrationDirtySource, DeviceLogErrorIsNotHiddenByTheIommu) {
+  IommuRig r(/*dma_logging=*/true, /*iommu_dirty=*/true);
+  r.k.FailIoctl(VFIO_DEVICE_FEATURE, EIO);  // the device can log but its start fails
+  EXPECT_FALSE(r.driver->StartDirtyTracking(kTwoRanges).ok());
+  EXPECT_FALSE(r.driver->dirty_tracking());
+  EXPECT_EQ(r.k.ioctl_calls(uapi::kIommuHwptSetDirtyTracking), 0);
 }
 
 }  // namespace

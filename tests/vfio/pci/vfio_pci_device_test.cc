@@ -1,6 +1,7 @@
 // VfioPciDevice over KernelVfioDevice + the fake kernel: config shadow (identity, BAR sizing,
 // hidden capabilities, masked and passed-through writes, command bits), BAR MMIO pass-through,
-// MSI-X programming -> SetIrqs with the irqfd eventfds (masking, PBA, disable), INTx with
+// MSI-X programming -> SetIrqs with the irqfd eventfds (masking, PBA, disable), MSI (vectors,
+// routes, per-vector masking, MME clamp, exclusivity with MSI-X, save/restore), INTx with
 // resample, reset, DMA mapping of guest RAM, direct BAR mapping, detach, save/restore.
 #include "devices/vfio/pci/vfio_pci_device.h"
 
@@ -77,6 +78,14 @@ struct Rig {
     WriteBar32(0, e + pci::kMsixEntryControl, 0);
   }
   void SetMsixControl(uint16_t ctl) { Wr(kCapMsix + 2, 2, ctl); }
+  // Before Open(): the device's MSI capability gets message control `flags` (64-bit, maskable,
+  // MMC bits) and the kernel `irqs` MSI vectors (vfio-pci reports 2^MMC).
+  void SetMsi(uint16_t flags, uint32_t irqs) {
+    testing::Put(Cfg(), kCapMsi + 2, 2, flags);
+    k.irqs[VFIO_PCI_MSI_IRQ_INDEX].count = irqs;
+    k.irqs[VFIO_PCI_MSI_IRQ_INDEX].triggers.assign(irqs, -1);
+  }
+  std::vector<int>& MsiTriggers() { return k.irqs[VFIO_PCI_MSI_IRQ_INDEX].triggers; }
 
   testing::PciFakeKernel k;
   testing::FakeRouting kvm;
@@ -107,14 +116,17 @@ TEST(VfioPciConfig, IdentityAndVirtualisedHeader) {
 
 TEST(VfioPciConfig, CapabilityListFiltered) {
   Rig r;
-  // Guest's walk: PM -> MSI-X -> PCIe; MSI and the vendor capability are unlinked.
+  // Guest's walk: PM -> MSI -> MSI-X -> PCIe; the vendor capability is unlinked. (MSI used to
+  // be hidden too: this test asserted that until MSI was emulated.)
   std::vector<std::pair<uint32_t, uint32_t>> seen;
   for (uint32_t p = r.Rd(0x34, 1); p != 0 && seen.size() < 10; p = r.Rd(p + 1, 1))
     seen.push_back({p, r.Rd(p, 1)});
   EXPECT_EQ(seen, (std::vector<std::pair<uint32_t, uint32_t>>{
-                      {kCapPm, 0x01}, {kCapMsix, 0x11}, {kCapExp, 0x10}}));
+                      {kCapPm, 0x01}, {kCapMsi, 0x05}, {kCapMsix, 0x11}, {kCapExp, 0x10}}));
+  // MSI: 64-bit, one vector, disabled, registers at their reset value.
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0x0080u);
+  for (uint32_t off = kCapMsi + 4; off < kCapMsi + 14; off += 2) EXPECT_EQ(r.Rd(off, 2), 0u) << off;
   // Hidden capabilities read as zero, not as the device's bytes.
-  for (uint32_t off = kCapMsi; off < kCapMsi + 14; off += 2) EXPECT_EQ(r.Rd(off, 2), 0u) << off;
   EXPECT_EQ(r.Rd(kCapVendor + 4, 4), 0u);
   // Kept capabilities are the device's.
   EXPECT_EQ(r.Rd(kCapPm + 4, 4), 0x0008u);
@@ -158,10 +170,10 @@ TEST(VfioPciConfig, HostileWritesAreMasked) {
   r.Wr(0x00, 4, 0);                     // identity
   r.Wr(0x08, 4, 0);
   r.Wr(0x30, 4, 0xffffffff);            // ROM BAR
-  r.Wr(0x34, 1, 0x48);                  // capability pointer to the hidden MSI
+  r.Wr(0x34, 1, 0x48);                  // capability pointer (read-only)
   r.Wr(kCapPm + 4, 2, 0x0003);          // D3hot
   r.Wr(kCapExp + 8, 2, 0x8000);         // PCIe FLR bit
-  r.Wr(kCapMsi + 2, 2, 0x0001);         // enable the hidden MSI
+  r.Wr(kCapMsi + 2, 2, 0xfffe);         // MSI: read-only bits, MME 7 (> MMC 0), no enable
   r.Wr(kCapVendor + 4, 4, 0x12345678);  // hidden vendor capability
   r.Wr(kCapMsix + 2, 2, 0x07ff);        // MSI-X table size (read-only)
   r.Wr(kCapMsix + 4, 4, 0x3);           // MSI-X BIR/offset
@@ -173,7 +185,7 @@ TEST(VfioPciConfig, HostileWritesAreMasked) {
   EXPECT_EQ(r.Rd(0x34, 1), kCapPm);
   EXPECT_EQ(r.Rd(kCapPm + 4, 2), 0x0008u);
   EXPECT_EQ(r.Rd(kCapExp + 8, 2), 0x2810u);
-  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0u);
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0x0080u);  // (was: 0, MSI hidden) MME clamped to MMC 0
   EXPECT_EQ(r.Rd(kCapMsix + 2, 2), kMsixVectors - 1u);
   EXPECT_EQ(r.Rd(kCapMsix + 4, 4), kMsixTableOff);
   EXPECT_EQ(r.Rd(0x3d, 1), 1u);
@@ -229,7 +241,7 @@ TEST(VfioPciConfig, RefusesBridgesAndNonPci) {
     int n = 0;
     for (uint32_t p = (*d)->ReadConfig(0x34, 1); p != 0 && n < 100; p = (*d)->ReadConfig(p + 1, 1))
       ++n;
-    EXPECT_EQ(n, 3);  // terminated, not looping
+    EXPECT_EQ(n, 4);  // terminated, not looping (PM, MSI, MSI-X, PCIe; was 3 with MSI hidden)
   }
 }
 
@@ -439,6 +451,336 @@ TEST(VfioPciMsix, MsixWithoutRouterIsAnError) {
   EXPECT_THAT(std::string(d.status().message()), HasSubstr("gsi_router"));
 }
 
+// ---- MSI ----
+
+// 64-bit, per-vector masking: control +2, address +4/+8, data +0xc, mask +0x10, pending +0x14.
+constexpr uint16_t kMsi64Mask8 = 0x0180 | 3 << 1;  // 8 vectors (MMC 3)
+constexpr uint32_t kMsiAddr = kCapMsi + 4, kMsiAddrHi = kCapMsi + 8, kMsiData = kCapMsi + 0xc,
+                   kMsiMask = kCapMsi + 0x10, kMsiPending = kCapMsi + 0x14;
+constexpr uint16_t kMsiEnable = 1;
+uint16_t Mme(uint32_t log2) { return static_cast<uint16_t>(log2 << 4); }
+
+struct MsiRig : Rig {
+  explicit MsiRig(uint16_t flags = kMsi64Mask8, uint32_t irqs = 8) : Rig(true, false, false) {
+    SetMsi(flags, irqs);
+    Open();
+  }
+};
+
+TEST(VfioPciMsi, CapabilityVisibleAndWritableWhereTheSpecAllows) {
+  MsiRig r;
+  ASSERT_EQ(r.dev->msi_cap_offset(), kCapMsi);
+  ASSERT_NE(r.dev->msi(), nullptr);
+  EXPECT_EQ(r.dev->msi()->num_vectors(), 8);
+  EXPECT_EQ(r.Rd(kCapMsi, 1), 0x05u);
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), kMsi64Mask8);
+  r.Wr(kMsiAddr, 4, 0xfee01003);  // bits 1:0 reserved
+  EXPECT_EQ(r.Rd(kMsiAddr, 4), 0xfee01000u);
+  r.Wr(kMsiAddrHi, 4, 0x1);
+  EXPECT_EQ(r.Rd(kMsiAddrHi, 4), 0x1u);
+  r.Wr(kMsiData, 4, 0x12344321);  // 16-bit data, reserved upper half
+  EXPECT_EQ(r.Rd(kMsiData, 4), 0x4321u);
+  r.Wr(kMsiMask, 4, 0xffffffff);  // only the 8 implemented vectors
+  EXPECT_EQ(r.Rd(kMsiMask, 4), 0xffu);
+  r.Wr(kMsiPending, 4, 0xffffffff);  // read-only
+  EXPECT_EQ(r.Rd(kMsiPending, 4), 0u);
+  r.Wr(kCapMsi + 2, 2, 0xfe8e);  // MMC/64-bit/maskable/reserved are read-only; MME 0
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), kMsi64Mask8);
+  // Nothing of it reached the device's own capability.
+  EXPECT_EQ(Get(r.Cfg(), kCapMsi + 2, 2), kMsi64Mask8);
+  EXPECT_EQ(Get(r.Cfg(), kMsiAddr, 4), 0u);
+  EXPECT_FALSE(r.dev->msi_connected());
+}
+
+TEST(VfioPciMsi, EnableConnectsVectorsAndRoutesWithVectorInData) {
+  MsiRig r;
+  pci::MsixTable* t = r.dev->msi();
+  r.Wr(kMsiAddr, 4, 0xfee02000);
+  r.Wr(kMsiData, 2, 0x4043);  // the low MME bits are the function's: replaced per vector
+  EXPECT_EQ(r.k.ioctl_calls(VFIO_DEVICE_SET_IRQS), 2);  // INTx trigger + unmask at attach
+  r.Wr(kCapMsi + 2, 2, Mme(2) | kMsiEnable);             // 4 vectors
+  ASSERT_TRUE(r.dev->msi_connected());
+  EXPECT_EQ(r.dev->msi_connected_vectors(), 4u);
+  EXPECT_EQ(r.k.irq_type_conflicts, 0);
+  for (uint16_t v = 0; v < 8; ++v) {
+    if (v < 4) {
+      EXPECT_EQ(r.MsiTriggers()[v], t->eventfd(v)) << v;
+      const kvm_irq_routing_entry* e = r.kvm.Route(t->gsi(v));
+      ASSERT_NE(e, nullptr) << v;
+      EXPECT_EQ(e->u.msi.address_lo, 0xfee02000u);
+      EXPECT_EQ(e->u.msi.address_hi, 0u);
+      EXPECT_EQ(e->u.msi.data, 0x4040u | v);
+      EXPECT_TRUE(r.kvm.irqfds.count({t->eventfd(v), t->gsi(v)})) << v;
+    } else {
+      EXPECT_EQ(r.MsiTriggers()[v], -1) << v;
+      EXPECT_EQ(r.kvm.Route(t->gsi(v)), nullptr) << v;
+    }
+  }
+  EXPECT_EQ(r.kvm.irqfds.size(), 4u);
+  // INTx is off while MSI is on (vfio-pci: one type at a time).
+  EXPECT_EQ(r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], -1);
+  // The device raising vector 3 reaches KVM on vector 3's GSI.
+  uint64_t one = 1;
+  ASSERT_EQ(::write(r.MsiTriggers()[3], &one, 8), 8);
+  EXPECT_EQ(r.kvm.Deliver(), (std::map<uint32_t, uint64_t>{{t->gsi(3), 1}}));
+  // Linux retargets MSI by rewriting address/data while enabled: routes follow, no SetIrqs.
+  int set_irqs = r.k.ioctl_calls(VFIO_DEVICE_SET_IRQS);
+  r.Wr(kMsiAddr, 4, 0xfee05000);
+  r.Wr(kMsiData, 2, 0x4050);
+  EXPECT_EQ(r.k.ioctl_calls(VFIO_DEVICE_SET_IRQS), set_irqs);
+  EXPECT_EQ(r.kvm.Route(t->gsi(2))->u.msi.address_lo, 0xfee05000u);
+  EXPECT_EQ(r.kvm.Route(t->gsi(2))->u.msi.data, 0x4052u);
+}
+
+TEST(VfioPciMsi, SixtyFourBitAddressReachesTheRoute) {
+  MsiRig r;
+  r.Wr(kMsiAddr, 4, 0xfee00000);
+  r.Wr(kMsiAddrHi, 4, 0x12);
+  r.Wr(kCapMsi + 2, 2, kMsiEnable);
+  const kvm_irq_routing_entry* e = r.kvm.Route(r.dev->msi()->gsi(0));
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->u.msi.address_hi, 0x12u);
+}
+
+TEST(VfioPciMsi, MmeAboveMmcIsClamped) {
+  {
+    MsiRig r(0x0080 | 1 << 1, 2);  // 2 vectors
+    r.Wr(kCapMsi + 2, 2, Mme(7) | kMsiEnable);
+    EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0x0080u | 1 << 1 | Mme(1) | kMsiEnable);
+    EXPECT_EQ(r.dev->msi_connected_vectors(), 2u);
+    EXPECT_EQ(r.MsiTriggers()[1], r.dev->msi()->eventfd(1));
+  }
+  {
+    // The device claims 8 (MMC 3) but the kernel offers 4 MSI irqs: the guest sees MMC 2.
+    MsiRig r(kMsi64Mask8, 4);
+    EXPECT_EQ(r.dev->msi()->num_vectors(), 4);
+    EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0x0180u | 2 << 1);
+    r.Wr(kCapMsi + 2, 2, Mme(3) | kMsiEnable);
+    EXPECT_EQ(r.dev->msi_connected_vectors(), 4u);
+    EXPECT_EQ(r.Rd(kMsiMask, 4), 0u);
+    r.Wr(kMsiMask, 4, 0xff);
+    EXPECT_EQ(r.Rd(kMsiMask, 4), 0xfu);
+    EXPECT_EQ(r.k.irq_type_conflicts, 0);
+  }
+}
+
+TEST(VfioPciMsi, MaskedVectorShowsPendingAndIsDeliveredOnUnmask) {
+  MsiRig r;
+  pci::MsixTable* t = r.dev->msi();
+  r.Wr(kMsiAddr, 4, 0xfee00000);
+  r.Wr(kMsiData, 2, 0x60);
+  r.Wr(kCapMsi + 2, 2, Mme(1) | kMsiEnable);
+  r.Wr(kMsiMask, 4, 0x2);  // mask vector 1
+  // The device keeps its eventfd; the irqfd is detached.
+  EXPECT_EQ(r.MsiTriggers()[1], t->eventfd(1));
+  EXPECT_FALSE(r.kvm.irqfds.count({t->eventfd(1), t->gsi(1)}));
+  EXPECT_TRUE(r.kvm.irqfds.count({t->eventfd(0), t->gsi(0)}));
+  uint64_t one = 1;
+  ASSERT_EQ(::write(r.MsiTriggers()[1], &one, 8), 8);
+  EXPECT_TRUE(r.kvm.Deliver().empty());
+  EXPECT_EQ(r.Rd(kMsiPending, 4), 0x2u);
+  EXPECT_EQ(r.Rd(kMsiPending + 0, 1), 0x2u);  // byte access too
+  EXPECT_EQ(r.Rd(kMsiMask, 4), 0x2u);
+  r.Wr(kMsiMask, 4, 0);
+  EXPECT_EQ(r.kvm.Deliver()[t->gsi(1)], 1u);
+  EXPECT_EQ(r.Rd(kMsiPending, 4), 0u);
+  EXPECT_EQ(r.kvm.Route(t->gsi(1))->u.msi.data, 0x61u);
+}
+
+TEST(VfioPciMsi, DisableTearsDownAndGivesIntxBack) {
+  MsiRig r;
+  const auto& intx = r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX];
+  r.Wr(kMsiAddr, 4, 0xfee00000);
+  r.Wr(kCapMsi + 2, 2, Mme(3) | kMsiEnable);
+  ASSERT_TRUE(r.dev->msi_connected());
+  EXPECT_EQ(intx.triggers[0], -1);
+  EXPECT_EQ(intx.unmask_fd, -1);
+  r.Wr(kCapMsi + 2, 2, Mme(3));
+  EXPECT_FALSE(r.dev->msi_connected());
+  EXPECT_THAT(r.MsiTriggers(), Each(-1));
+  EXPECT_TRUE(r.kvm.irqfds.empty());
+  EXPECT_EQ(intx.triggers[0], r.dev->intx_trigger_fd());
+  EXPECT_EQ(intx.unmask_fd, r.dev->intx_resample_fd());
+  EXPECT_EQ(r.k.irq_type_conflicts, 0);
+}
+
+TEST(VfioPciMsi, MmeChangeWhileEnabledReEnablesWithTheNewCount) {
+  MsiRig r;
+  r.Wr(kCapMsi + 2, 2, kMsiEnable);
+  EXPECT_EQ(r.dev->msi_connected_vectors(), 1u);
+  r.Wr(kCapMsi + 2, 2, Mme(3) | kMsiEnable);
+  EXPECT_EQ(r.dev->msi_connected_vectors(), 8u);
+  EXPECT_EQ(r.MsiTriggers()[7], r.dev->msi()->eventfd(7));
+  r.Wr(kCapMsi + 2, 2, Mme(1) | kMsiEnable);
+  EXPECT_EQ(r.dev->msi_connected_vectors(), 2u);
+  EXPECT_EQ(r.MsiTriggers()[2], -1);
+  EXPECT_EQ(r.kvm.irqfds.size(), 2u);
+  EXPECT_EQ(r.k.irq_type_conflicts, 0);  // the fake refuses growing MSI without a disable
+  EXPECT_EQ(r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], -1);
+}
+
+TEST(VfioPciMsi, MsiAndMsixAreMutuallyExclusive) {
+  Rig r;  // the default device has both (MSI: one vector)
+  r.Wr(kCapMsi + 2, 2, kMsiEnable);
+  ASSERT_TRUE(r.dev->msi_connected());
+  // MSI-X enable while MSI is on: refused, MSI untouched.
+  r.ProgramVector(0, 0xfee00000, 0x41);
+  r.SetMsixControl(pci::kMsixControlEnable);
+  EXPECT_FALSE(r.dev->msix_connected());
+  EXPECT_FALSE(r.dev->msix()->enabled());
+  EXPECT_EQ(r.Rd(kCapMsix + 2, 2) & pci::kMsixControlEnable, 0u);
+  EXPECT_TRUE(r.dev->msi_connected());
+  EXPECT_THAT(r.MsixTriggers(), Each(-1));
+  // The other way round.
+  r.Wr(kCapMsi + 2, 2, 0);
+  r.SetMsixControl(pci::kMsixControlEnable);
+  ASSERT_TRUE(r.dev->msix_connected());
+  r.Wr(kCapMsi + 2, 2, kMsiEnable);
+  EXPECT_FALSE(r.dev->msi_connected());
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2) & kMsiEnable, 0u);
+  EXPECT_EQ(r.MsiTriggers()[0], -1);
+  EXPECT_TRUE(r.dev->msix_connected());
+  EXPECT_EQ(r.k.irq_type_conflicts, 0);
+  // Both off: INTx is back.
+  r.SetMsixControl(0);
+  EXPECT_EQ(r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], r.dev->intx_trigger_fd());
+}
+
+TEST(VfioPciMsi, MsiOnlyDevice) {
+  // A simple device with MSI and no MSI-X: MSI is what it gets (it used to fall back to INTx).
+  Rig r(true, false, /*open=*/false);
+  r.Cfg()[kCapMsi + 1] = kCapVendor;  // unlink MSI-X
+  r.Open();
+  EXPECT_EQ(r.dev->msix(), nullptr);
+  ASSERT_NE(r.dev->msi(), nullptr);
+  r.Wr(kMsiAddr, 4, 0xfee00000);
+  r.Wr(kMsiData, 2, 0x31);
+  r.Wr(kCapMsi + 2, 2, kMsiEnable);
+  EXPECT_TRUE(r.dev->msi_connected());
+  EXPECT_EQ(r.kvm.Route(r.dev->msi()->gsi(0))->u.msi.data, 0x31u);
+}
+
+TEST(VfioPciMsi, HiddenWithoutMsiIrqsOrRouter) {
+  {
+    Rig r(true, false, /*open=*/false);
+    r.SetMsi(0x0080, 0);
+    r.Open();
+    EXPECT_EQ(r.dev->msi(), nullptr);
+    EXPECT_EQ(r.Rd(kCapPm + 1, 1), kCapMsix);  // unlinked
+    EXPECT_EQ(r.Rd(kCapMsi + 2, 2), 0u);
+  }
+  {
+    Rig r(true, false, /*open=*/false);
+    r.Cfg()[kCapMsi + 1] = kCapVendor;  // MSI only: no router needed, INTx stays
+    r.opts.gsi_router = nullptr;
+    r.Open();
+    EXPECT_EQ(r.dev->msi(), nullptr);
+    EXPECT_EQ(r.Rd(kCapPm + 1, 1), kCapExp);
+    r.Wr(kCapMsi + 2, 2, kMsiEnable);
+    EXPECT_EQ(r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], r.dev->intx_trigger_fd());
+  }
+}
+
+TEST(VfioPciMsi, ResetDisablesAndClears) {
+  MsiRig r;
+  r.Wr(kMsiAddr, 4, 0xfee00000);
+  r.Wr(kMsiMask, 4, 0x3);
+  r.Wr(kCapMsi + 2, 2, Mme(2) | kMsiEnable);
+  ASSERT_TRUE(r.dev->Reset().ok());
+  EXPECT_FALSE(r.dev->msi_connected());
+  EXPECT_THAT(r.MsiTriggers(), Each(-1));
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), kMsi64Mask8);
+  EXPECT_EQ(r.Rd(kMsiAddr, 4), 0u);
+  EXPECT_EQ(r.Rd(kMsiMask, 4), 0u);
+  EXPECT_TRUE(r.kvm.irqfds.empty());
+  EXPECT_EQ(r.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], r.dev->intx_trigger_fd());
+}
+
+TEST(VfioPciMsi, HostileAccessesAreHarmless) {
+  MsiRig r;
+  r.Wr(kCapMsi + 3, 2, 0xffff);      // misaligned: dropped
+  r.Wr(kCapMsi + 1, 4, 0xffffffff);  // misaligned: dropped
+  r.Wr(kMsiAddr + 2, 4, 0xffffffff);
+  EXPECT_EQ(r.Rd(kCapMsi + 2, 2), kMsi64Mask8);
+  EXPECT_EQ(r.Rd(kMsiAddr, 4), 0u);
+  EXPECT_FALSE(r.dev->msi_connected());
+  // Random writes over the capability (and MSI-X control): never both connected, never more
+  // vectors than the device has, never a conflict at the kernel.
+  std::mt19937 rng(7);
+  for (int i = 0; i < 2000; ++i) {
+    uint32_t off = kCapMsi + rng() % 28;
+    unsigned size = 1u << (rng() % 3);
+    if (rng() % 8 == 0) r.SetMsixControl(static_cast<uint16_t>(rng()));
+    r.Wr((off & ~(size - 1)) | (rng() % 5 == 0 ? 1 : 0), size, rng());  // some misaligned
+    (void)r.Rd(off & ~(size - 1), size);
+    ASSERT_FALSE(r.dev->msi_connected() && r.dev->msix_connected()) << i;
+    ASSERT_LE(r.dev->msi_connected_vectors(), 8u) << i;
+    ASSERT_LE(r.Rd(kCapMsi + 2, 2) & 0x70, 3u << 4) << i;  // MME <= MMC
+  }
+  EXPECT_EQ(r.k.irq_type_conflicts, 0);
+  ASSERT_TRUE(r.dev->Detach().ok());
+  EXPECT_THAT(r.MsiTriggers(), Each(-1));
+  EXPECT_TRUE(r.kvm.irqfds.empty());
+}
+
+TEST(VfioPciMsi, SaveRestoreAcrossDevicesReEnablesMsi) {
+  MsiRig src;
+  src.Wr(kMsiAddr, 4, 0xfee03000);
+  src.Wr(kMsiData, 2, 0x70);
+  src.Wr(kCapMsi + 2, 2, Mme(1) | kMsiEnable);
+  src.Wr(kMsiMask, 4, 0x2);
+  uint64_t one = 1;
+  ASSERT_EQ(::write(src.MsiTriggers()[1], &one, 8), 8);  // fires while masked: pending
+  ASSERT_EQ(src.Rd(kMsiPending, 4), 0x2u);
+  auto mig = src.dev->migration();
+  ASSERT_TRUE(mig.ok()) << mig.status();
+  auto blob = (*mig)->StopAndCopy();
+  ASSERT_TRUE(blob.ok()) << blob.status();
+  std::string saved = src.dev->SaveState(
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(blob->data()), blob->size()));
+
+  MsiRig dst;
+  ASSERT_TRUE(dst.dev->RestoreState(saved).ok());
+  pci::MsixTable* t = dst.dev->msi();
+  EXPECT_TRUE(dst.dev->msi_connected());
+  EXPECT_EQ(dst.dev->msi_connected_vectors(), 2u);
+  EXPECT_EQ(dst.MsiTriggers()[0], t->eventfd(0));
+  EXPECT_EQ(dst.MsiTriggers()[1], t->eventfd(1));
+  EXPECT_EQ(dst.k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], -1);
+  EXPECT_EQ(dst.k.irq_type_conflicts, 0);
+  EXPECT_EQ(dst.Rd(kCapMsi + 2, 2), kMsi64Mask8 | Mme(1) | kMsiEnable);
+  ASSERT_NE(dst.kvm.Route(t->gsi(0)), nullptr);
+  EXPECT_EQ(dst.kvm.Route(t->gsi(0))->u.msi.address_lo, 0xfee03000u);
+  EXPECT_EQ(dst.kvm.Route(t->gsi(0))->u.msi.data, 0x70u);
+  EXPECT_EQ(dst.Rd(kMsiPending, 4), 0x2u);  // the pending vector came along
+  EXPECT_TRUE(dst.kvm.Deliver().empty());
+  dst.Wr(kMsiMask, 4, 0);
+  EXPECT_EQ(dst.kvm.Deliver()[t->gsi(1)], 1u);
+  EXPECT_EQ(dst.kvm.Route(t->gsi(1))->u.msi.data, 0x71u);
+}
+
+TEST(VfioPciMsi, SavedStateWithBothEnablesKeepsOne) {
+  Rig src;
+  src.Wr(kCapMsi + 2, 2, kMsiEnable);
+  auto mig = src.dev->migration();
+  ASSERT_TRUE(mig.ok()) << mig.status();
+  auto blob = (*mig)->StopAndCopy();
+  ASSERT_TRUE(blob.ok()) << blob.status();
+  std::string good = src.dev->SaveState(
+      std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(blob->data()), blob->size()));
+  VfioPciState st;
+  ASSERT_TRUE(st.ParseFromString(good));
+  (*st.mutable_config()->mutable_regs())[kCapMsix + 3] = static_cast<char>(0x80);  // MSI-X on
+  st.set_msi_pending(0xffffffff);  // absent vectors: ignored
+  Rig dst;
+  ASSERT_TRUE(dst.dev->RestoreState(st.SerializeAsString()).ok());
+  EXPECT_FALSE(dst.dev->msi_connected() && dst.dev->msix_connected());
+  EXPECT_TRUE(dst.dev->msi_connected() || dst.dev->msix_connected());
+  EXPECT_NE(dst.Rd(kCapMsi + 2, 2) & kMsiEnable, 0u);
+  EXPECT_EQ(dst.Rd(kCapMsix + 2, 2) & pci::kMsixControlEnable, 0u);
+  EXPECT_EQ(dst.k.irq_type_conflicts, 0);
+}
+
 // ---- INTx ----
 
 TEST(VfioPciIntx, TriggerAndResampleWired) {
@@ -646,6 +988,11 @@ TEST(VfioPciState, MalformedStateIsRefusedWithoutSideEffects) {
     VfioPciState b = st;
     (*b.mutable_config()->mutable_regs())[kCapMsix + 2] = 0x03;  // 4-vector table
     expect_refused(b.SerializeAsString(), "msix size in config");
+  }
+  {
+    VfioPciState b = st;
+    (*b.mutable_config()->mutable_regs())[kCapMsi + 2] = 0x82;  // MSI with 2 vectors
+    expect_refused(b.SerializeAsString(), "msi vector count");
   }
   {
     VfioPciState b = st;
