@@ -387,11 +387,19 @@ grpc::Status ApiServer::AttachDevice(grpc::ServerContext*, const AttachDeviceReq
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                         absl::StrCat("unknown vm_id '", request->vm_id(),
                                      "': this VMM serves one VM, leave vm_id empty"));
-  if (request->device_case() != AttachDeviceRequest::kVfioUser)
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                        "no device given (AttachDeviceRequest.vfio_user)");
-  if (request->vfio_user().socket().empty())
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "vfio_user.socket is required");
+  switch (request->device_case()) {
+    case AttachDeviceRequest::kVfioUser:
+      if (request->vfio_user().socket().empty())
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "vfio_user.socket is required");
+      break;
+    case AttachDeviceRequest::kVfio:
+      if (request->vfio().sysfs_path().empty())
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "vfio.sysfs_path is required");
+      break;
+    default:
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          "no device given (AttachDeviceRequest.vfio_user or .vfio)");
+  }
   // Held for the whole attach: no migration can start meanwhile (StartMigration takes mu_).
   absl::MutexLock lock(&mu_);
   if (vm_ == nullptr) return NoVm(shutdown_requested_, "attach a device");
@@ -405,7 +413,8 @@ grpc::Status ApiServer::AttachDevice(grpc::ServerContext*, const AttachDeviceReq
     return FailedPrecondition("cannot attach a device: the VM has been migrated away");
   if (vm_->state() == RunState::kExited)
     return FailedPrecondition("cannot attach a device: the VM state is EXITED");
-  absl::StatusOr<uint8_t> slot = vm_->AttachVfioUser(request->vfio_user());
+  absl::StatusOr<uint8_t> slot = request->has_vfio() ? vm_->AttachVfio(request->vfio())
+                                                     : vm_->AttachVfioUser(request->vfio_user());
   if (!slot.ok()) return ToGrpcStatus(slot.status());
   response->set_pci_slot(*slot);
   response->set_pci_address(absl::StrFormat("0000:00:%02x.0", *slot));

@@ -33,6 +33,9 @@ namespace microvmm::vmmctl {
 
 namespace {
 
+// attach takes one device (AttachDeviceRequest.device is a oneof).
+constexpr char kOneAttachDevice[] = "give one of --vfio-user and --vfio (one device per attach)";
+
 constexpr struct {
   Command command;
   const char* name;
@@ -110,7 +113,7 @@ std::vector<std::pair<absl::string_view, bool>> CommandFlags(Command command) {
     case Command::kBalloonStats:
       return {{"--json", false}};
     case Command::kAttach:
-      return {{"--vfio-user", true}};
+      return {{"--vfio-user", true}, {"--vfio", true}};
     default:
       return {};
   }
@@ -495,6 +498,7 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       absl::StatusOr<VfioUserConfig> v = ParseVfioUserSpec(*value);
       if (!v.ok()) return UsageError(std::string(v.status().message()));
       if (*options.command == Command::kAttach) {
+        if (options.attach.has_vfio()) return UsageError(kOneAttachDevice);
         *options.attach.mutable_vfio_user() = *v;
       } else {
         *options.config.add_vfio_user() = *v;
@@ -503,7 +507,12 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
       // Not made absolute: a sysfs path is absolute already, a bare "DDDD:BB:DD.F" is no file.
       absl::StatusOr<VfioConfig> v = ParseVfioSpec(*value);
       if (!v.ok()) return UsageError(std::string(v.status().message()));
-      *options.config.add_vfio() = *v;
+      if (*options.command == Command::kAttach) {
+        if (options.attach.has_vfio_user()) return UsageError(kOneAttachDevice);
+        *options.attach.mutable_vfio() = *v;
+      } else {
+        *options.config.add_vfio() = *v;
+      }
     } else if (name == "--no-wait") {
       options.no_wait = true;
     }
@@ -521,9 +530,11 @@ absl::StatusOr<Options> ParseArgs(const std::vector<std::string>& args) {
     if (!vcpus_set) options.config.set_vcpus(kDefaultVcpus);
     if (!memory_set) options.config.set_memory_mib(kDefaultMemoryMib);
   }
-  if (*options.command == Command::kAttach && !options.attach.has_vfio_user()) {
-    return UsageError(absl::StrCat("missing --vfio-user SOCKET (the device to attach)",
-                                   HelpHint(options.command)));
+  if (*options.command == Command::kAttach &&
+      options.attach.device_case() == AttachDeviceRequest::DEVICE_NOT_SET) {
+    return UsageError(absl::StrCat(
+        "missing --vfio-user SOCKET or --vfio PATH (the device to attach)",
+        HelpHint(options.command)));
   }
   if (*options.command == Command::kBalloon && !options.balloon_target_mib.has_value()) {
     return UsageError(absl::StrCat("missing --target SIZE", HelpHint(options.command)));
@@ -773,13 +784,17 @@ std::string CommandHelp(Command command) {
              "  --json                  print the MigrationProgress message as JSON (proto\n"
              "                          field names)\n";
     case Command::kAttach:
-      return "vmmctl --socket PATH attach --vfio-user SOCKET: hot-plug a vfio-user PCI function\n"
-             "into the VM (created, running or paused) through AttachDevice; prints its PCI\n"
-             "address. The guest is told by an ACPI hotplug event (Linux: acpiphp). Refused\n"
-             "while a migration runs, when the socket is already attached or no slot is free.\n"
-             "Hot-unplug/eject is not supported.\n"
+      return "vmmctl --socket PATH attach (--vfio-user SOCKET | --vfio PATH): hot-plug a PCI\n"
+             "function into the VM (created, running or paused) through AttachDevice; prints\n"
+             "its PCI address. The guest is told by an ACPI hotplug event (Linux: acpiphp).\n"
+             "Refused while a migration runs, when the device is already attached or no slot\n"
+             "is free. Hot-unplug/eject is not supported. Give exactly one of:\n"
              "  --vfio-user SOCKET      the vfio-user server's unix socket (a relative path is\n"
-             "                          made absolute here). Required.\n";
+             "                          made absolute here)\n"
+             "  --vfio PATH             a host PCI function bound to vfio-pci (kernel VFIO):\n"
+             "                          /sys/bus/pci/devices/DDDD:BB:DD.F or DDDD:BB:DD.F.\n"
+             "                          Refused for a VM with a virtio-balloon (the IOMMU pins\n"
+             "                          guest RAM)\n";
     case Command::kBalloon:
       return "vmmctl --socket PATH balloon --target SIZE: ask the guest's balloon driver to\n"
              "give SIZE (MiB, or with suffix M/G) of its memory back to the host (SetBalloon);\n"
@@ -1284,9 +1299,12 @@ int Run(const std::vector<std::string>& args, std::ostream& out, std::ostream& e
       AttachDeviceRequest request = BuildAttachDeviceRequest(options.attach, Cwd());
       AttachDeviceResponse response;
       status = stub->AttachDevice(&context, request, &response);
-      if (status.ok())
-        out << "attached vfio-user " << request.vfio_user().socket() << " at "
-            << response.pci_address() << "\n";
+      if (status.ok()) {
+        out << "attached "
+            << (request.has_vfio() ? "vfio " + request.vfio().sysfs_path()
+                                   : "vfio-user " + request.vfio_user().socket())
+            << " at " << response.pci_address() << "\n";
+      }
       break;
     }
     case Command::kBalloonStats: {

@@ -59,7 +59,7 @@ struct Options {
   bool no_wait = false;             // migrate --no-wait
   ReceiveMigrationRequest receive;  // receive flags, as given
   std::optional<uint64_t> balloon_target_mib;  // balloon --target
-  AttachDeviceRequest attach;  // attach --vfio-user (socket not yet made absolute)
+  AttachDeviceRequest attach;  // attach --vfio-user/--vfio (socket not yet made absolute)
 };
 
 // Parses the arguments after argv[0]. Global flags (--socket, --timeout, --help) may appear

@@ -89,6 +89,21 @@ absl::Status CheckBalloonTarget(uint64_t target_mib, uint64_t memory_mib) {
       "balloon target %d MiB must be below guest memory (%d MiB)", target_mib, memory_mib));
 }
 
+// The PCI address a --vfio path names, as a comparison key: "/sys/bus/pci/devices/X/",
+// "/sys/devices/.../X" and "X" all name function X (the last path component), case-folded.
+std::string VfioBdf(std::string path) {
+  while (path.size() > 1 && path.back() == '/') path.pop_back();
+  return absl::AsciiStrToLower(path.substr(path.find_last_of('/') + 1));
+}
+
+// Kernel VFIO pins guest RAM in the IOMMU: a page the balloon discards would stay mapped for
+// the device while the guest's next access gets a fresh page (the two views split). vfio-user
+// shares the memfd itself, so a discard reaches the device's mapping too.
+constexpr char kBalloonWithVfio[] =
+    "a virtio-balloon cannot be used with a VFIO device: the IOMMU pins guest RAM, so pages "
+    "the balloon gives back would stay mapped for the device (drop --balloon, or use "
+    "--vfio-user)";
+
 absl::StatusOr<uint64_t> HostMemTotalMib() {
   std::ifstream f("/proc/meminfo");
   std::string key;
@@ -255,6 +270,7 @@ class VmImpl : public Vm {
   }
   std::vector<DeviceStatus> DeviceStatuses() const override;
   absl::StatusOr<uint8_t> AttachVfioUser(const VfioUserConfig& config) override;
+  absl::StatusOr<uint8_t> AttachVfio(const VfioConfig& config) override;
   absl::StatusOr<int> StartPassthroughMigration() override;
   absl::StatusOr<uint64_t> SyncPassthroughMigration(migration::DirtySet& dirty) override;
   absl::Status StopPassthroughDevices(migration::DirtySet& dirty) override;
@@ -307,6 +323,15 @@ class VmImpl : public Vm {
                                                                     const std::string& label);
   // Kernel VFIO PCI functions (config_.vfio), after the vfio-user ones.
   absl::Status SetupVfioKernelDevices();
+  // Opens the kernel VFIO function at `path` and puts it at `slot` of bus 0 (free) with its
+  // INTx on PciIntxGsi(slot, pin), BARs as memslots and DMA over all guest RAM; records it in
+  // vfio_. Shared by creation and hot-attach. On error nothing stays (the device's destructor
+  // undoes DMA maps, irqfds and memslots). Errors start with `label`.
+  absl::Status AddVfioKernel(const std::string& path, uint8_t slot, const std::string& label);
+  // The slot for a passthrough function: `fixed` (1..31, must be free; a migration destination
+  // puts a hot-attached function where the source had it) or, for 0, the first free one
+  // (`hotplug`: among the slots the DSDT describes as hotpluggable).
+  absl::StatusOr<uint8_t> PickSlot(uint32_t fixed, bool hotplug) const;
   // Every passthrough PCI function (kernel VFIO and vfio-user), by PCI slot: the order of
   // VmState.vfio_devices at both ends of a migration.
   struct PassthroughRef {
@@ -372,7 +397,7 @@ class VmImpl : public Vm {
     std::shared_ptr<vfio::VfioPciDevice> device;  // shared with pci_
     uint8_t pci_slot = 0;
   };
-  std::vector<VfioKernelSlot> vfio_;  // config_.vfio; fixed after Build
+  std::vector<VfioKernelSlot> vfio_;  // config_.vfio; grows on AttachVfio (devices_mu_)
   // Passthrough migration (source): the functions taking part, and the device state each
   // returned at StopPassthroughDevices (by the same index), for SaveState. Destination: the
   // functions RestoreState left stopped, run at Boot().
@@ -381,8 +406,9 @@ class VmImpl : public Vm {
   std::vector<vfio::VfioPciDevice*> pt_restored_;
   // Post-copy (destination): how to make guest pages present for passthrough DMA.
   EnsurePresentFn pt_ensure_;
-  // PCI hotplug (AttachVfioUser). devices_mu_ guards what hot-attach appends to while others
-  // read: vfio_user_ and config_.vfio_user. attach_mu_ serializes attaches.
+  // PCI hotplug (AttachVfioUser, AttachVfio). devices_mu_ guards what hot-attach appends to
+  // while others read: vfio_user_, vfio_, config_.vfio_user, config_.vfio. attach_mu_
+  // serializes attaches.
   mutable std::mutex devices_mu_;
   std::mutex attach_mu_;
   std::shared_ptr<pci::PciHotplugController> hotplug_;  // also on pio_
@@ -763,17 +789,9 @@ absl::Status VmImpl::SetupVfioUserDevices() {
                                                     s.message()));
     };
     // A function hot-attached to the source of a migration keeps its slot here.
-    const uint32_t fixed = config_.vfio_user(i).pci_slot();
-    absl::StatusOr<uint8_t> at;
-    if (fixed != 0) {
-      if (fixed >= pci::kDevicesPerBus)
-        return fail(absl::InvalidArgumentError(absl::StrCat("PCI slot ", fixed, " out of range")));
-      absl::Status s = pci_->AddDevice(static_cast<uint8_t>(fixed), 0, *pci);
-      at = s.ok() ? absl::StatusOr<uint8_t>(static_cast<uint8_t>(fixed)) : s;
-    } else {
-      at = pci_->AddDevice(*pci);
-    }
+    auto at = PickSlot(config_.vfio_user(i).pci_slot(), /*hotplug=*/false);
     if (!at.ok()) return fail(at.status());
+    if (absl::Status s = pci_->AddDevice(*at, 0, *pci); !s.ok()) return fail(s);
     vfio_user_.push_back({socket, std::move(*pci), *at});
     LOG_INFO("vfio-user device %d (%s) at 0000:00:%02x.0", i, socket, *at);
   }
@@ -812,11 +830,9 @@ absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
             absl::StrCat("vfio-user socket '", socket, "' is already attached to this VM"));
   }
   // Only slots the DSDT describes are hotpluggable (a guest running AML could not see others).
-  uint8_t slot = 0;
-  for (uint8_t d = 1; d < pci::kDevicesPerBus && slot == 0; ++d)
-    if ((hotplug_slots_ & (1u << d)) && pci_->device(d, 0) == nullptr) slot = d;
-  if (slot == 0)
-    return absl::ResourceExhaustedError("no free hotpluggable PCI slot on bus 0");
+  auto free_slot = PickSlot(0, /*hotplug=*/true);
+  if (!free_slot.ok()) return free_slot.status();
+  const uint8_t slot = *free_slot;
   // From here on, an error destroys `pci`: ~VfioPciDevice detaches DMA and interrupts.
   auto pci = OpenVfioUser(socket, absl::StrCat("vfio-user ", socket));
   if (!pci.ok()) return pci.status();
@@ -838,54 +854,106 @@ absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
 }
 
 absl::Status VmImpl::SetupVfioKernelDevices() {
-  if (config_.vfio_size() == 0) return absl::OkStatus();
-  vfio::VfioSys* sys = g_vfio_sys_for_testing.load();
-  if (sys == nullptr) sys = &vfio::VfioSys::Real();
-  // Memslot ids above any RAM slot (RamSlot(i) = i; GuestMemory has a handful of regions).
-  constexpr uint32_t kFirstBarMemslot = 256;
-  vfio_bar_mapper_ = MemslotBarMapper::ForVm(*vm_, kFirstBarMemslot);
-  vfio_intx_router_ = std::make_unique<KvmIntxRouter>(*vm_);
   for (int i = 0; i < config_.vfio_size(); ++i) {
     const std::string& path = config_.vfio(i).sysfs_path();
-    auto fail = [&](const absl::Status& s) {
-      return absl::Status(s.code(),
-                          absl::StrFormat("vfio device %d (%s): %s", i, path, s.message()));
-    };
-    // Missing device, wrong driver, non-viable group, busy: KernelVfioDevice says which.
-    auto dev = vfio::OpenKernelVfioDevice(path, *sys);
-    if (!dev.ok()) return fail(dev.status());
+    const std::string label = absl::StrFormat("vfio device %d (%s)", i, path);
     // The slot is chosen first: the INTx GSI depends on it (the DSDT's _PRT, PciIntxGsi).
-    uint8_t slot = 0;
-    for (uint8_t d = 1; d < pci::kDevicesPerBus && slot == 0; ++d)
-      if (pci_->device(d, 0) == nullptr) slot = d;
-    if (slot == 0) return fail(absl::ResourceExhaustedError("no free PCI slot on bus 0"));
-    uint8_t pin = 0;  // the function's interrupt pin register (0: no INTx, 1..4: INTA#..INTD#)
-    if (absl::Status s = (*dev)->RegionRead(vfio::kConfigRegionIndex, pci::kRegInterruptPin,
-                                            std::span<uint8_t>(&pin, 1));
-        !s.ok())
-      return fail(s);
-    vfio::VfioPciOptions o;
-    o.gsi_router = gsi_router_.get();
-    o.bar_mapper = vfio_bar_mapper_.get();
-    if (pin >= 1 && pin <= 4) {
-      o.intx_router = vfio_intx_router_.get();
-      o.intx_gsi = PciIntxGsi(slot, pin - 1);
-    }
-    auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
-    if (!pci.ok()) return fail(pci.status());
-    // iova = gpa over all guest RAM (the kernel pins it). Device writes bypass the VMM's dirty
-    // tracking (KVM never sees them).
-    if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
-    if (absl::Status s = pci_->AddDevice(slot, 0, *pci); !s.ok()) return fail(s);
-    const bool intx = (*pci)->intx_trigger_fd() >= 0;  // pin set and the device offers INTx
-    vfio_.push_back({path, std::move(*pci), slot});
-    if (intx)
-      LOG_INFO("vfio device %d (%s) at 0000:00:%02x.0, INT%c# on GSI %d", i, path, slot,
-               'A' + pin - 1, o.intx_gsi);
-    else
-      LOG_INFO("vfio device %d (%s) at 0000:00:%02x.0, no INTx", i, path, slot);
+    auto slot = PickSlot(config_.vfio(i).pci_slot(), /*hotplug=*/false);
+    if (!slot.ok())
+      return absl::Status(slot.status().code(), absl::StrCat(label, ": ", slot.status().message()));
+    if (absl::Status s = AddVfioKernel(path, *slot, label); !s.ok()) return s;
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<uint8_t> VmImpl::PickSlot(uint32_t fixed, bool hotplug) const {
+  if (fixed != 0) {
+    if (fixed >= pci::kDevicesPerBus)
+      return absl::InvalidArgumentError(absl::StrCat("PCI slot ", fixed, " out of range"));
+    if (pci_->device(static_cast<uint8_t>(fixed), 0) != nullptr)
+      return absl::AlreadyExistsError(absl::StrCat("PCI slot ", fixed, " is taken"));
+    return static_cast<uint8_t>(fixed);
+  }
+  for (uint8_t d = 1; d < pci::kDevicesPerBus; ++d)
+    if ((!hotplug || (hotplug_slots_ & (1u << d))) && pci_->device(d, 0) == nullptr) return d;
+  return absl::ResourceExhaustedError(hotplug ? "no free hotpluggable PCI slot on bus 0"
+                                              : "no free PCI slot on bus 0");
+}
+
+absl::Status VmImpl::AddVfioKernel(const std::string& path, uint8_t slot,
+                                   const std::string& label) {
+  auto fail = [&](const absl::Status& s) {
+    return absl::Status(s.code(), absl::StrCat(label, ": ", s.message()));
+  };
+  vfio::VfioSys* sys = g_vfio_sys_for_testing.load();
+  if (sys == nullptr) sys = &vfio::VfioSys::Real();
+  // Missing device, wrong driver, non-viable group, busy: KernelVfioDevice says which.
+  auto dev = vfio::OpenKernelVfioDevice(path, *sys);
+  if (!dev.ok()) return fail(dev.status());
+  if (vfio_bar_mapper_ == nullptr) {  // the first kernel VFIO function (creation or attach)
+    // Memslot ids above any RAM slot (RamSlot(i) = i; GuestMemory has a handful of regions).
+    constexpr uint32_t kFirstBarMemslot = 256;
+    vfio_bar_mapper_ = MemslotBarMapper::ForVm(*vm_, kFirstBarMemslot);
+    vfio_intx_router_ = std::make_unique<KvmIntxRouter>(*vm_);
+  }
+  uint8_t pin = 0;  // the function's interrupt pin register (0: no INTx, 1..4: INTA#..INTD#)
+  if (absl::Status s = (*dev)->RegionRead(vfio::kConfigRegionIndex, pci::kRegInterruptPin,
+                                          std::span<uint8_t>(&pin, 1));
+      !s.ok())
+    return fail(s);
+  vfio::VfioPciOptions o;
+  o.gsi_router = gsi_router_.get();
+  o.bar_mapper = vfio_bar_mapper_.get();
+  if (pin >= 1 && pin <= 4) {
+    o.intx_router = vfio_intx_router_.get();
+    o.intx_gsi = PciIntxGsi(slot, pin - 1);
+  }
+  // From here on, an error destroys `pci`: ~VfioPciDevice detaches DMA and interrupts.
+  auto pci = vfio::VfioPciDevice::Create(std::move(*dev), o);
+  if (!pci.ok()) return fail(pci.status());
+  // iova = gpa over all guest RAM (the kernel pins it). Device writes bypass the VMM's dirty
+  // tracking (KVM never sees them).
+  if (absl::Status s = (*pci)->AttachDma(*mem_); !s.ok()) return fail(s);
+  // The commit point: one config-cycle-locked insertion; vCPUs see the slot empty or complete.
+  if (absl::Status s = pci_->AddDevice(slot, 0, *pci); !s.ok()) return fail(s);
+  const bool intx = (*pci)->intx_trigger_fd() >= 0;  // pin set and the device offers INTx
+  {
+    std::lock_guard lock(devices_mu_);
+    vfio_.push_back({path, std::move(*pci), slot});
+  }
+  if (intx)
+    LOG_INFO("%s at 0000:00:%02x.0, INT%c# on GSI %d", label, slot, 'A' + pin - 1, o.intx_gsi);
+  else
+    LOG_INFO("%s at 0000:00:%02x.0, no INTx", label, slot);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<uint8_t> VmImpl::AttachVfio(const VfioConfig& c) {
+  std::lock_guard attach(attach_mu_);
+  if (state() == RunState::kExited)
+    return absl::FailedPreconditionError("cannot attach a device: the VM has exited");
+  const std::string& path = c.sysfs_path();
+  const std::string bdf = VfioBdf(path);
+  if (bdf.empty()) return absl::InvalidArgumentError("vfio: no PCI device path");
+  if (balloon_ != nullptr) return absl::FailedPreconditionError(kBalloonWithVfio);
+  {
+    std::lock_guard lock(devices_mu_);
+    for (const VfioConfig& v : config_.vfio())
+      if (VfioBdf(v.sysfs_path()) == bdf)
+        return absl::AlreadyExistsError(absl::StrCat("PCI device ", bdf, " ('", path,
+                                                     "') is already attached to this VM"));
+  }
+  auto slot = PickSlot(0, /*hotplug=*/true);
+  if (!slot.ok()) return slot.status();
+  if (absl::Status s = AddVfioKernel(path, *slot, absl::StrCat("vfio ", path)); !s.ok()) return s;
+  {
+    std::lock_guard lock(devices_mu_);
+    VfioConfig* added = config_.add_vfio();
+    *added = c;
+    added->set_pci_slot(*slot);  // a migration destination puts it at the same slot
+  }
+  hotplug_->SlotAdded(*slot);
+  return *slot;
 }
 
 absl::Status VmImpl::LoadGuest() {
@@ -1289,10 +1357,10 @@ constexpr size_t kPassthroughDrainPerPass = size_t{64} << 20;
 
 std::vector<VmImpl::PassthroughRef> VmImpl::Passthrough() const {
   std::vector<PassthroughRef> out;
-  for (const VfioKernelSlot& v : vfio_)
-    out.push_back({"vfio", v.sysfs_path, v.device.get(), v.pci_slot});
   {
     std::lock_guard lock(devices_mu_);
+    for (const VfioKernelSlot& v : vfio_)
+      out.push_back({"vfio", v.sysfs_path, v.device.get(), v.pci_slot});
     for (const VfioUserSlot& v : vfio_user_)
       out.push_back({"vfio-user", v.socket, v.device.get(), v.pci_slot});
   }
@@ -1323,9 +1391,9 @@ absl::StatusOr<int> VmImpl::StartPassthroughMigration() {
       return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
                                                  s.message()));
     }
-    LOG_INFO("migration: %s device %s: %s, DMA dirty tracking %s", pt[i].kind, pt[i].what,
+    LOG_INFO("migration: %s device %s: %s, DMA dirty tracking: %s", pt[i].kind, pt[i].what,
              drivers[i]->state() == vfio::MigState::kPreCopy ? "pre-copy" : "no pre-copy",
-             drivers[i]->fallback() ? "not offered (all DMA-mapped RAM counts as dirty)" : "on");
+             vfio::DirtySourceName(drivers[i]->dirty_source()));
   }
   return static_cast<int>(pt.size());
 }
@@ -1496,7 +1564,8 @@ absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "the migrating VM has %d VFIO devices, %d given here (--vfio PATH of a function of the "
         "same model, in the source's order)", c.vfio_size(), local.vfio_size()));
-  for (int i = 0; i < c.vfio_size(); ++i) *c.mutable_vfio(i) = local.vfio(i);
+  for (int i = 0; i < c.vfio_size(); ++i)  // pci_slot stays the source's (hot-attached)
+    c.mutable_vfio(i)->set_sysfs_path(local.vfio(i).sysfs_path());
   return absl::OkStatus();
 }
 
@@ -1558,26 +1627,16 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
   }
   std::set<std::string> vfio_bdfs;
   for (int i = 0; i < c.vfio_size(); ++i) {
-    std::string path = c.vfio(i).sysfs_path();
-    while (path.size() > 1 && path.back() == '/') path.pop_back();
-    if (path.empty())
+    // One device fd per function, whichever path names it.
+    std::string bdf = VfioBdf(c.vfio(i).sysfs_path());
+    if (bdf.empty())
       return absl::InvalidArgumentError(absl::StrCat("vfio device ", i, ": no PCI device path"));
-    // One device fd per function: "/sys/bus/pci/devices/X", "/sys/devices/.../X" and "X" all
-    // name function X (the PCI address is the last path component either way).
-    std::string bdf = absl::AsciiStrToLower(path.substr(path.find_last_of('/') + 1));
     if (!vfio_bdfs.insert(bdf).second)
       return absl::InvalidArgumentError(absl::StrCat("vfio device ", i, ": PCI device ", bdf,
                                                      " ('", c.vfio(i).sysfs_path(),
                                                      "') is given twice"));
   }
-  // Kernel VFIO pins guest RAM in the IOMMU: a page the balloon discards would stay mapped for
-  // the device while the guest's next access gets a fresh page (the two views split). vfio-user
-  // shares the memfd itself, so a discard reaches the device's mapping too.
-  if (c.vfio_size() > 0 && c.has_balloon())
-    return absl::InvalidArgumentError(
-        "a virtio-balloon cannot be used with a VFIO device: the IOMMU pins guest RAM, so pages "
-        "the balloon gives back would stay mapped for the device (drop --balloon, or use "
-        "--vfio-user)");
+  if (c.vfio_size() > 0 && c.has_balloon()) return absl::InvalidArgumentError(kBalloonWithVfio);
   if (c.has_vsock()) {
     // CIDs 0-2 are reserved (hypervisor, local, host); 2^32-1 is VMADDR_CID_ANY.
     if (c.vsock().guest_cid() < 3 || c.vsock().guest_cid() == 0xffffffffu)

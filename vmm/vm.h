@@ -65,7 +65,7 @@ class Vm {
   virtual RunState state() const = 0;
   virtual std::optional<VmExit> exit_info() const = 0;
   virtual absl::Duration uptime() const = 0;  // since Boot(), zero before
-  // A copy: the configuration grows when a device is hot-attached (AttachVfioUser).
+  // A copy: the configuration grows when a device is hot-attached (AttachVfioUser/AttachVfio).
   virtual VmConfig config() const = 0;
 
   // Complete vCPU / irqchip / PIT / clock / device state. Needs PAUSED (or CREATED).
@@ -128,6 +128,14 @@ class Vm {
   // vfio-user server). On error nothing stays attached. Refusing during a migration is the
   // caller's job (the API server knows about migrations).
   virtual absl::StatusOr<uint8_t> AttachVfioUser(const VfioUserConfig& config) = 0;
+  // The same for a host PCI function through kernel VFIO (config.sysfs_path, opened as for
+  // VmConfig.vfio: BARs as memslots, INTx on its DSDT/MP-table GSI, DMA over all guest RAM);
+  // appends it to config().vfio with pci_slot set. Errors: FAILED_PRECONDITION (VM exited, or
+  // the VM has a virtio-balloon: the IOMMU pins guest RAM), ALREADY_EXISTS (that PCI address is
+  // attached), RESOURCE_EXHAUSTED (no free slot), the kernel layer's error (no such device,
+  // not bound to vfio-pci, busy, group not viable). On error nothing stays attached (memslots,
+  // irqfds, DMA maps undone with the device).
+  virtual absl::StatusOr<uint8_t> AttachVfio(const VfioConfig& config) = 0;
 
   // ---- Live migration of passthrough PCI functions (kernel VFIO and vfio-user) ----
   // Source side, in this order; all from the migration thread.

@@ -5,8 +5,12 @@
 //    DMA engine ("vfiodma ok"); GetInfo then lists the device and its config;
 //  - refusals leave nothing attached: socket missing / refused, same socket twice, VM exited,
 //    migration running, no free slot.
+//  - the same for a kernel VFIO function (AttachDevice{vfio}, `vmmctl attach --vfio`) opened
+//    through the fake VFIO kernel of tests/vfio/kernel (this machine has no /dev/vfio); the
+//    guest driving a hot-attached kernel function is tests/vfio/vm/vfio_kernel_vm_test.
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <linux/vfio.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -22,6 +26,8 @@
 #include "gtest/gtest.h"
 #include "proto/vmm.grpc.pb.h"
 #include "tests/util/subprocess.h"
+#include "tests/vfio/kernel/fake_vfio_kernel.h"
+#include "vmm/vm.h"
 
 namespace microvmm::testing {
 namespace {
@@ -33,6 +39,24 @@ std::unique_ptr<grpc::ClientContext> Ctx(int seconds = 20) {
   c->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
   return c;
 }
+
+// A fake host function 0000:3b:00.0 bound to vfio-pci (cdev + iommufd): a config space with
+// ids, no BARs, no interrupts; restores the real system calls on destruction.
+class FakeFunction : public vfio::testing::FakeVfioKernel {
+ public:
+  FakeFunction() {
+    AddPciDevice("0000:3b:00.0", "vfio-pci", "42", "vfio3");
+    SetIommufdPresent(true);
+    for (auto& r : regions) r = Region{};
+    Region& c = regions[VFIO_PCI_CONFIG_REGION_INDEX];
+    c = {.size = 256, .flags = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE};
+    c.data.assign(256, 0);
+    c.data[0] = 0x34, c.data[1] = 0x12, c.data[2] = 0xf0, c.data[3] = 0x11;  // 1234:11f0
+    c.data[0x0a] = 0x80, c.data[0x0b] = 0xff;  // class ff (unclassified)
+    SetVfioSysForTesting(this);
+  }
+  ~FakeFunction() override { SetVfioSysForTesting(nullptr); }
+};
 
 class HotplugTest : public ::testing::Test {
  protected:
@@ -83,6 +107,12 @@ class HotplugTest : public ::testing::Test {
     ASSERT_TRUE(s.ok()) << s.error_message();
   }
 
+  grpc::Status AttachKernel(const std::string& sysfs_path, AttachDeviceResponse* resp) {
+    AttachDeviceRequest req;
+    req.mutable_vfio()->set_sysfs_path(sysfs_path);
+    return stub_->AttachDevice(Ctx().get(), req, resp);
+  }
+
   grpc::Status Attach(const std::string& socket, AttachDeviceResponse* resp) {
     AttachDeviceRequest req;
     req.mutable_vfio_user()->set_socket(socket);
@@ -103,6 +133,8 @@ class HotplugTest : public ::testing::Test {
   }
 
   TempDir dir_;  // first: destroyed last
+  // Kernel VFIO tests: outlives the VM (api_), whose device fds it serves.
+  std::unique_ptr<FakeFunction> fake_;
   std::vector<std::unique_ptr<Subprocess>> servers_;
   std::unique_ptr<ApiServer> api_;
   std::unique_ptr<grpc::Server> server_;
@@ -214,6 +246,9 @@ TEST_F(HotplugTest, RefusedWhileMigrating) {
   s = Attach(dir_.File("dev.sock"), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
   EXPECT_NE(s.error_message().find("migration"), std::string::npos) << s.error_message();
+  s = AttachKernel("0000:3b:00.0", &resp);  // refused before any device is looked at
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("migration"), std::string::npos) << s.error_message();
   CancelMigrationResponse cr;
   (void)stub_->CancelMigration(Ctx().get(), CancelMigrationRequest(), &cr);
   ::close(fd);
@@ -237,6 +272,63 @@ TEST_F(HotplugTest, NoFreeSlot) {
   grpc::Status s = Attach(dir_.File("dev.sock"), &resp);
   EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
   EXPECT_NE(s.error_message().find("slot"), std::string::npos) << s.error_message();
+}
+
+TEST_F(HotplugTest, KernelVfioAttachThroughApiAndVmmctl) {
+  REQUIRE_KVM();
+  fake_ = std::make_unique<FakeFunction>();
+  FakeFunction& k = *fake_;
+  CreateAndBoot(Guest("idle", ""));
+  AttachDeviceResponse resp;
+  grpc::Status s = AttachKernel("", &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << s.error_message();
+  EXPECT_NE(s.error_message().find("sysfs_path"), std::string::npos) << s.error_message();
+  s = AttachKernel("/sys/bus/pci/devices/0000:3c:00.0", &resp);
+  EXPECT_NE(s.error_code(), grpc::StatusCode::OK);
+  EXPECT_NE(s.error_message().find("no PCI device 0000:3c:00.0"), std::string::npos)
+      << s.error_message();
+  EXPECT_EQ(Info().config().vfio_size(), 0);
+  EXPECT_EQ(k.open_fd_count(), 0);
+
+  std::ostringstream out, err;
+  EXPECT_EQ(vmmctl::Run({"--socket", dir_.File("api.sock"), "attach", "--vfio",
+                         "/sys/bus/pci/devices/0000:3b:00.0"},
+                        out, err),
+            0)
+      << err.str();
+  EXPECT_EQ(out.str(), "attached vfio /sys/bus/pci/devices/0000:3b:00.0 at 0000:00:01.0\n");
+  EXPECT_FALSE(k.dma.empty()) << "guest RAM DMA-mapped";
+  s = AttachKernel("0000:3B:00.0", &resp);  // the same function, spelled differently
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::ALREADY_EXISTS) << s.error_message();
+
+  VmInfo info = Info();
+  ASSERT_EQ(info.config().vfio_size(), 1);
+  EXPECT_EQ(info.config().vfio(0).pci_slot(), 1u);
+  int found = 0;
+  for (const DeviceStatus& d : info.devices()) {
+    if (d.kind() == "vfio") {
+      ++found;
+      EXPECT_EQ(d.pci_address(), "0000:00:01.0");
+    }
+  }
+  EXPECT_EQ(found, 1);
+}
+
+TEST_F(HotplugTest, KernelVfioAttachRefusedWithBalloon) {
+  REQUIRE_KVM();
+  fake_ = std::make_unique<FakeFunction>();
+  FakeFunction& k = *fake_;
+  VmConfig c = Guest("idle", "");
+  c.mutable_balloon();  // present, default settings
+  CreateAndBoot(c, /*boot=*/false);
+  AttachDeviceResponse resp;
+  grpc::Status s = AttachKernel("0000:3b:00.0", &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << s.error_message();
+  EXPECT_NE(s.error_message().find("virtio-balloon"), std::string::npos) << s.error_message();
+  EXPECT_NE(s.error_message().find("IOMMU pins guest RAM"), std::string::npos)
+      << s.error_message();
+  EXPECT_EQ(k.open_fd_count(), 0);
+  EXPECT_EQ(Info().config().vfio_size(), 0);
 }
 
 }  // namespace

@@ -1185,6 +1185,34 @@ TEST(ParseArgs, AttachVfioUser) {
   EXPECT_THAT(CommandHelp(Command::kAttach), HasSubstr("not supported"));
 }
 
+TEST(ParseArgs, AttachVfio) {
+  absl::StatusOr<Options> o =
+      Parse({"--socket", "/s", "attach", "--vfio", "/sys/bus/pci/devices/0000:3b:00.0"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(*o->command, Command::kAttach);
+  EXPECT_TRUE(o->attach.has_vfio());
+  EXPECT_FALSE(o->attach.has_vfio_user());
+  EXPECT_EQ(o->config.vfio_size(), 0);  // not a create flag here
+  // A sysfs path or a bare PCI address is not a file of the client: never made absolute.
+  const AttachDeviceRequest r = BuildAttachDeviceRequest(o->attach, "/work/dir");
+  EXPECT_EQ(r.vfio().sysfs_path(), "/sys/bus/pci/devices/0000:3b:00.0");
+  EXPECT_EQ(r.vfio().pci_slot(), 0u);  // the VMM picks it
+  o = Parse({"--socket", "/s", "attach", "--vfio=0000:3b:00.0"});
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(BuildAttachDeviceRequest(o->attach, "/w").vfio().sysfs_path(), "0000:3b:00.0");
+
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach"}), HasSubstr("--vfio PATH"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach", "--vfio", "0000:3b:00.0", "--vfio-user",
+                          "d.sock"}),
+              HasSubstr("one of --vfio-user and --vfio"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach", "--vfio", "0000:3b:00.0", "--vfio",
+                          "0000:3b:00.1"}),
+              HasSubstr("given twice"));
+  EXPECT_THAT(ParseError({"--socket", "/s", "attach", "--vfio", ""}), HasSubstr("--vfio"));
+  EXPECT_THAT(CommandHelp(Command::kAttach), HasSubstr("--vfio PATH"));
+  EXPECT_THAT(CommandHelp(Command::kAttach), HasSubstr("balloon"));
+}
+
 }  // namespace
 }  // namespace microvmm::vmmctl
 

@@ -127,7 +127,7 @@ class VfioMigrationTest : public ::testing::Test {
     EXPECT_EQ(DstSerial().find("FAIL"), std::string::npos) << Logs();
     EXPECT_EQ(SrcSerial().find("FAIL"), std::string::npos) << Logs();
     // The device's DMA log was the source of those pages (not an all-dirty fallback).
-    EXPECT_NE(ReadFileOrEmpty(dir_.File("src.err")).find("DMA dirty tracking on"),
+    EXPECT_NE(ReadFileOrEmpty(dir_.File("src.err")).find("DMA dirty tracking: device DMA log"),
               std::string::npos)
         << Logs();
     dst->Signal(SIGTERM);

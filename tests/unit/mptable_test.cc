@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "vmm/boot/acpi.h"
 #include "vmm/memory/guest_memory.h"
 
 namespace microvmm {
@@ -153,23 +154,53 @@ TEST_P(MpTableTest, StructureMatchesSpec) {
   EXPECT_EQ(ids.count(io.id), 0u) << "IOAPIC id collides with a LAPIC id";
   EXPECT_NE(io.id, 0xFF);
 
-  // An ISA bus, and the 16 ISA IRQs routed to that IOAPIC.
-  int isa_bus = -1;
-  for (const Bus& b : p.buses)
+  // An ISA bus and a PCI bus. Linux takes the MP bus id of a PCI bus for its PCI bus number
+  // (IO_APIC_get_PCI_irq_vector compares them), so our root bus 0 must be MP bus 0.
+  int isa_bus = -1, pci_bus = -1;
+  for (const Bus& b : p.buses) {
     if (b.type == "ISA   ") isa_bus = b.id;
+    if (b.type == "PCI   ") pci_bus = b.id;
+  }
   ASSERT_NE(isa_bus, -1) << "no ISA bus entry";
-  ASSERT_EQ(p.io_ints.size(), 16u);
-  std::set<uint8_t> src_irqs, dst_pins;
+  ASSERT_EQ(pci_bus, 0) << "PCI bus 0 must be MP bus id 0";
+  ASSERT_EQ(p.buses.size(), 2u);
+  EXPECT_NE(isa_bus, pci_bus);
+  std::vector<Irq> isa, pci;
   for (const Irq& i : p.io_ints) {
-    EXPECT_EQ(i.src_bus, isa_bus);
     EXPECT_EQ(i.dst_id, io.id) << "I/O interrupt routed to a non-existent IOAPIC";
     EXPECT_LT(i.dst_pin, kIoapicPins);
+    EXPECT_EQ(i.irq_type, 0) << "vectored interrupt (INT)";
+    ASSERT_TRUE(i.src_bus == isa_bus || i.src_bus == pci_bus) << "unknown bus " << int(i.src_bus);
+    (i.src_bus == isa_bus ? isa : pci).push_back(i);
+  }
+
+  // The 16 ISA IRQs, identity-mapped, conforming to the bus (edge, active high).
+  ASSERT_EQ(isa.size(), 16u);
+  std::set<uint8_t> src_irqs, dst_pins;
+  for (const Irq& i : isa) {
+    EXPECT_EQ(i.src_irq, i.dst_pin);
+    EXPECT_EQ(i.flags, 0);
     src_irqs.insert(i.src_irq);
     dst_pins.insert(i.dst_pin);
   }
   EXPECT_EQ(src_irqs.size(), 16u);
   EXPECT_EQ(*src_irqs.rbegin(), 15);
   EXPECT_EQ(dst_pins.size(), 16u) << "two ISA IRQs on one IOAPIC pin";
+
+  // PCI INTx (MP spec 4.3.4): source IRQ = device << 2 | pin (0..3 = INTA#..INTD#), one entry
+  // for every slot and pin, level-triggered active low (flags: polarity 3, trigger 3), to the
+  // IOAPIC pin the DSDT's _PRT names: 16 + (slot + pin) % 8, never an ISA pin.
+  ASSERT_EQ(pci.size(), 32u * 4);
+  std::set<uint8_t> pci_srcs;
+  for (const Irq& i : pci) {
+    const uint32_t slot = i.src_irq >> 2, pin = i.src_irq & 3;
+    EXPECT_EQ(i.flags, 0x0f) << "slot " << slot << " pin " << pin;
+    EXPECT_EQ(i.dst_pin, 16 + (slot + pin) % 8) << "slot " << slot << " pin " << pin;
+    EXPECT_EQ(i.dst_pin, PciIntxGsi(slot, pin));
+    pci_srcs.insert(i.src_irq);
+  }
+  EXPECT_EQ(pci_srcs.size(), 128u) << "a slot/pin given twice";
+  EXPECT_EQ(*pci_srcs.rbegin(), (31 << 2) | 3);
 
   // Local interrupt entries, if any, target all LAPICs (0xFF) or an existing one; LINT0/1 only.
   for (const Irq& i : p.local_ints) {
@@ -217,8 +248,8 @@ TEST(WriteMpTableTest, WrittenWhereLinuxLooks) {
     std::vector<uint8_t> got(expect.size());
     ASSERT_TRUE((*mem)->Read(at, got.data(), got.size()).ok());
     EXPECT_EQ(got, expect) << n;
-    // Whole table below 1 MiB, i.e. inside the e820-reserved EBDA/BIOS area.
-    EXPECT_LE(at + expect.size(), 0x100000u);
+    // Whole table inside the e820-reserved EBDA, below the ACPI tables at 0xE0000.
+    EXPECT_LE(at + expect.size(), 0xE0000u);
     EXPECT_GE(at, 0x9FC00u);
   }
 }

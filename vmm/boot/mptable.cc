@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "vmm/boot/acpi.h"
 #include "vmm/boot/layout.h"
 
 namespace microvmm {
@@ -94,12 +95,17 @@ std::vector<uint8_t> BuildMpTable(uint32_t num_vcpus, uint64_t base) {
     p.feature_flags = (1 << 0) | (1 << 9);  // FPU, APIC
     Append(body, p);
   }
-  MpBus bus{};
-  bus.type = 1;
-  bus.bus_id = 0;
-  std::memcpy(bus.bus_type, "ISA   ", 6);
-  Append(body, bus);
-  ++count;
+  // Bus ids: a consumer matches an interrupt entry of a PCI bus by comparing its bus id with the
+  // PCI bus number (Linux IO_APIC_get_PCI_irq_vector: `bus != srcbus`), so our root bus 0 must be
+  // MP bus 0 ("PCI   "); the ISA bus takes the next id.
+  for (const auto& [id, type] : {std::pair{kMpPciBus, "PCI   "}, std::pair{kMpIsaBus, "ISA   "}}) {
+    MpBus bus{};
+    bus.type = 1;
+    bus.bus_id = id;
+    std::memcpy(bus.bus_type, type, 6);
+    Append(body, bus);
+    ++count;
+  }
   MpIoapic io{};
   io.type = 2;
   io.apic_id = ioapic_id;
@@ -113,11 +119,28 @@ std::vector<uint8_t> BuildMpTable(uint32_t num_vcpus, uint64_t base) {
     s.type = 3;
     s.irq_type = 0;
     s.irq_flags = 0;  // conforms to bus: ISA = edge, active high
-    s.src_bus = 0;
+    s.src_bus = kMpIsaBus;
     s.src_irq = static_cast<uint8_t>(pin);
     s.dst_apic = ioapic_id;
     s.dst_pin = static_cast<uint8_t>(pin);
     Append(body, s);
+  }
+  // INTx of every slot and pin of PCI bus 0, as the DSDT's _PRT routes them (acpi=off guests
+  // and kernels without ACPI use this): MP spec 4.3.4, a PCI source IRQ is (device << 2) | pin
+  // (0..3 = INTA#..INTD#); PCI interrupts are level-triggered, active low (flags: polarity
+  // bits 1:0 = 3 active low, trigger mode bits 3:2 = 3 level).
+  for (uint32_t slot = 0; slot < kMpPciSlots; ++slot) {
+    for (uint32_t pin = 0; pin < 4; ++pin, ++count) {
+      MpIntSrc s{};
+      s.type = 3;
+      s.irq_type = 0;
+      s.irq_flags = 0x3 | (0x3 << 2);
+      s.src_bus = kMpPciBus;
+      s.src_irq = static_cast<uint8_t>((slot << 2) | pin);
+      s.dst_apic = ioapic_id;
+      s.dst_pin = static_cast<uint8_t>(PciIntxGsi(slot, pin));
+      Append(body, s);
+    }
   }
   MpIntSrc lint0{4, 3, 0, 0, 0, 0xff, 0};  // ExtINT -> LINT0 of every LAPIC
   MpIntSrc lint1{4, 1, 0, 0, 0, 0xff, 1};  // NMI -> LINT1
@@ -155,7 +178,7 @@ absl::Status WriteMpTable(GuestMemory& mem, uint32_t num_vcpus) {
     return absl::InvalidArgumentError(
         absl::StrCat("MP table supports 1..254 vCPUs, got ", num_vcpus));
   std::vector<uint8_t> t = BuildMpTable(num_vcpus, layout::kEbdaStart);
-  if (layout::kEbdaStart + t.size() > layout::kHighMemStart)
+  if (layout::kEbdaStart + t.size() > layout::kAcpiStart)  // the ACPI tables follow
     return absl::InvalidArgumentError("MP table too large for the EBDA");
   return mem.Write(layout::kEbdaStart, t.data(), t.size());
 }

@@ -8,6 +8,7 @@
 // of the copied/filled bytes proves the iova = gpa mapping is right.
 // Also: bad configurations are refused before the guest runs with a clear message (missing
 // device, wrong driver, busy device, non-viable group, same device twice).
+#include <errno.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
@@ -15,8 +16,10 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "absl/strings/str_format.h"
 #include "absl/time/time.h"
 #include "devices/vfio/kernel/vfio_uapi.h"
 #include "gtest/gtest.h"
@@ -131,11 +134,57 @@ VmConfig DmaConfig(const TempDir& dir) {
   return c;
 }
 
+// No device at creation (hot-attach tests): `guest` with `args`.
+VmConfig NoDeviceConfig(const TempDir& dir, const std::string& guest, const std::string& args) {
+  VmConfig c = DmaConfig(dir);
+  c.clear_vfio();
+  c.set_test_guest(guest);
+  c.set_test_guest_args(args);
+  return c;
+}
+
 // Restores the real system calls whatever the test does.
 struct ScopedFakeVfio {
   explicit ScopedFakeVfio(vfio::VfioSys* sys) { SetVfioSysForTesting(sys); }
   ~ScopedFakeVfio() { SetVfioSysForTesting(nullptr); }
 };
+
+// The function is wired as the VM wires kernel VFIO: all 32 MiB of guest RAM DMA-mapped
+// (writable), INTA# as a KVM irqfd with a resamplefd; the only device, at 00:01.0.
+void ExpectWired(const DmaDeviceKernel& k, Vm& vm) {
+  uint64_t mapped = 0;
+  for (const auto& [iova, m] : k.dma) {
+    EXPECT_TRUE(m.writable);
+    mapped += m.size;
+  }
+  EXPECT_EQ(mapped, uint64_t{32} << 20);
+  EXPECT_NE(k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], -1) << "INTx trigger eventfd";
+  EXPECT_NE(k.irqs[VFIO_PCI_INTX_IRQ_INDEX].unmask_fd, -1) << "INTx unmask = KVM resamplefd";
+  auto devs = vm.DeviceStatuses();
+  ASSERT_EQ(devs.size(), 1u);
+  EXPECT_EQ(devs[0].kind(), "vfio");
+  EXPECT_EQ(devs[0].pci_address(), "0000:00:01.0");
+}
+
+// The guest ran `copies` copies and as many fills through the device and exited 0.
+void ExpectGuestDroveDma(Vm& vm, const DmaDeviceKernel& k, const TempDir& dir, int copies) {
+  auto exit = vm.WaitForExitFor(absl::Seconds(120));
+  const std::string serial = ReadFileOrEmpty(dir.File("serial.log"));
+  ASSERT_TRUE(exit.has_value()) << "guest did not finish; serial:\n" << serial;
+  EXPECT_EQ(exit->status, 0) << exit->reason << "\n" << serial;
+  EXPECT_NE(serial.find(absl::StrFormat("vfiodma ok copies=%d fills=%d", copies, copies)),
+            std::string::npos)
+      << serial;
+  EXPECT_EQ(k.completed(), 2u * copies);
+  EXPECT_EQ(k.dma_errors, 0);
+}
+
+// Destroying the VM releases the function: DMA unmapped, device fds closed.
+void ExpectReleasedOnDestroy(std::unique_ptr<Vm> vm, const DmaDeviceKernel& k) {
+  vm.reset();
+  EXPECT_TRUE(k.dma.empty());
+  EXPECT_EQ(k.open_fd_count(), 0);
+}
 
 TEST(VfioKernelVm, GuestDrivesDmaThroughKernelVfioPath) {
   REQUIRE_KVM();
@@ -146,12 +195,7 @@ TEST(VfioKernelVm, GuestDrivesDmaThroughKernelVfioPath) {
   ASSERT_TRUE(vm.ok()) << vm.status();
 
   // Built: all guest RAM DMA-mapped at iova = gpa, the scratch page mmapped, INTx connected.
-  uint64_t mapped = 0;
-  for (const auto& [iova, m] : k.dma) {
-    EXPECT_TRUE(m.writable);
-    mapped += m.size;
-  }
-  EXPECT_EQ(mapped, uint64_t{32} << 20);
+  ExpectWired(k, **vm);
   ASSERT_TRUE(k.dma.count(0));
   auto host0 = (*vm)->memory().HostPtr(0, 4096);
   ASSERT_TRUE(host0.ok());
@@ -160,28 +204,12 @@ TEST(VfioKernelVm, GuestDrivesDmaThroughKernelVfioPath) {
                       std::make_pair(uint32_t{0}, uint64_t{td::kScratchOffset})),
             k.mmaps.end())
       << "the mappable scratch page of BAR0 was not mmapped for a memslot";
-  EXPECT_NE(k.irqs[VFIO_PCI_INTX_IRQ_INDEX].triggers[0], -1) << "INTx trigger eventfd";
-  EXPECT_NE(k.irqs[VFIO_PCI_INTX_IRQ_INDEX].unmask_fd, -1) << "INTx unmask = KVM resamplefd";
-  auto devs = (*vm)->DeviceStatuses();
-  ASSERT_EQ(devs.size(), 1u);
-  EXPECT_EQ(devs[0].kind(), "vfio");
-  EXPECT_EQ(devs[0].pci_address(), "0000:00:01.0");
 
   ASSERT_TRUE((*vm)->Boot().ok());
-  auto exit = (*vm)->WaitForExitFor(absl::Seconds(120));
-  ASSERT_TRUE(exit.has_value()) << "guest did not finish; serial:\n"
-                                << ReadFileOrEmpty(dir.File("serial.log"));
-  const std::string serial = ReadFileOrEmpty(dir.File("serial.log"));
-  EXPECT_EQ(exit->status, 0) << exit->reason << "\n" << serial;
-  EXPECT_NE(serial.find("vfiodma ok copies=2 fills=2"), std::string::npos) << serial;
-  EXPECT_EQ(k.completed(), 4u);
-  EXPECT_EQ(k.dma_errors, 0);
+  ExpectGuestDroveDma(**vm, k, dir, 2);
   // The guest enabled bus mastering through the config shadow -> device command register.
   EXPECT_TRUE(k.regions[VFIO_PCI_CONFIG_REGION_INDEX].data[0x04] & 0x4);
-
-  vm->reset();  // tears down: DMA unmapped, device fds closed
-  EXPECT_TRUE(k.dma.empty());
-  EXPECT_EQ(k.open_fd_count(), 0);
+  ExpectReleasedOnDestroy(std::move(*vm), k);
 }
 
 // The device's INTx trigger eventfd is attached to KVM as an irqfd: KVM consumes the counter in
@@ -262,6 +290,174 @@ TEST(VfioKernelVm, RefusalsNameTheDeviceAndTheReason) {
     EXPECT_NE(vm.status().message().find("no PCI device ffff:ff:1f.7"), absl::string_view::npos)
         << vm.status();
   }
+}
+
+// Hot-attach tests: a VM with no device at creation, the fake kernel serving kSysfs.
+class HotAttach : public ::testing::Test {
+ protected:
+  // Creates the VM running `guest` with `args` (into vm_); false (test failed) if it cannot.
+  bool Create(const std::string& guest, const std::string& args,
+              std::optional<BalloonConfig> balloon = std::nullopt) {
+    VmConfig c = NoDeviceConfig(dir_, guest, args);
+    if (balloon.has_value()) *c.mutable_balloon() = *balloon;
+    auto vm = Vm::Create(c);
+    EXPECT_TRUE(vm.ok()) << vm.status();
+    if (!vm.ok()) return false;
+    vm_ = std::move(*vm);
+    return true;
+  }
+  absl::StatusOr<uint8_t> Attach(const std::string& path) {
+    VfioConfig v;
+    v.set_sysfs_path(path);
+    return vm_->AttachVfio(v);
+  }
+
+  TempDir dir_;
+  DmaDeviceKernel k_;
+  ScopedFakeVfio hook_{&k_};
+  std::unique_ptr<Vm> vm_;  // last: destroyed before the fake kernel serving its devices
+};
+
+// Hot-attach (Vm::AttachVfio, what AttachDevice{vfio} calls): the vfiodma guest boots with no
+// device, rescans bus 0 until the function appears, checks the ACPI hotplug register and drives
+// the DMA engine through the same kernel VFIO path as a device given at creation.
+TEST_F(HotAttach, DeviceDrivenByRunningGuest) {
+  REQUIRE_KVM();
+  ASSERT_TRUE(Create("vfiodma", "wait=100000000 iters=2 len=5000"));
+  EXPECT_EQ(k_.open_fd_count(), 0);
+  ASSERT_TRUE(vm_->Boot().ok());
+  ASSERT_TRUE(WaitForFileContains(dir_.File("serial.log"), "vfiodma waiting for hotplug\n",
+                                  absl::Seconds(30)))
+      << ReadFileOrEmpty(dir_.File("serial.log"));
+
+  absl::StatusOr<uint8_t> slot = Attach(kSysfs);
+  ASSERT_TRUE(slot.ok()) << slot.status();
+  EXPECT_EQ(*slot, 1);  // no other device: the first free slot
+
+  ExpectGuestDroveDma(*vm_, k_, dir_, 2);
+  const std::string serial = ReadFileOrEmpty(dir_.File("serial.log"));
+  EXPECT_NE(serial.find("vfiodma hotplug register ok slot=1\n"), std::string::npos) << serial;
+  ExpectWired(k_, *vm_);  // as a device given at creation
+  // Recorded with its slot, so a migration destination puts it there.
+  const VmConfig now = vm_->config();
+  ASSERT_EQ(now.vfio_size(), 1);
+  EXPECT_EQ(now.vfio(0).sysfs_path(), kSysfs);
+  EXPECT_EQ(now.vfio(0).pci_slot(), 1u);
+  ExpectReleasedOnDestroy(std::move(vm_), k_);
+}
+
+// Refused hot-attaches leave nothing behind (no fds, DMA maps, PCI slot or config entry): the
+// next good attach still gets slot 1. Attach works on a CREATED VM too (no guest needed).
+TEST_F(HotAttach, RefusalsLeaveNothingAttached) {
+  REQUIRE_KVM();
+  ASSERT_TRUE(Create("idle", ""));
+  DmaDeviceKernel& k = k_;
+  auto nothing_attached = [&](const char* what) {
+    EXPECT_EQ(k.open_fd_count(), 0) << what;
+    EXPECT_TRUE(k.dma.empty()) << what;
+    EXPECT_EQ(vm_->config().vfio_size(), 0) << what;
+    EXPECT_TRUE(vm_->DeviceStatuses().empty()) << what;
+  };
+
+  absl::StatusOr<uint8_t> r = Attach("/sys/bus/pci/devices/0000:3c:00.0");
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("vfio /sys/bus/pci/devices/0000:3c:00.0: "),
+            absl::string_view::npos) << r.status();
+  EXPECT_NE(r.status().message().find("no PCI device 0000:3c:00.0"), absl::string_view::npos)
+      << r.status();
+  nothing_attached("no such device");
+
+  EXPECT_EQ(Attach("").status().code(), absl::StatusCode::kInvalidArgument);
+
+  k.device_busy = true;
+  r = Attach(kSysfs);
+  EXPECT_NE(r.status().message().find("in use by another process"), absl::string_view::npos)
+      << r.status();
+  nothing_attached("busy device");
+  k.device_busy = false;
+
+  // Fails after the device is open and its INTx wired: DMA mapping refused by the IOMMU.
+  k.FailIoctl(vfio::uapi::kIommuIoasMap, ENOMEM);
+  r = Attach(kSysfs);
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("IOMMU_IOAS_MAP"), absl::string_view::npos) << r.status();
+  nothing_attached("DMA map failure");
+
+  r = Attach(kSysfs);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 1);
+  const uint64_t mapped = k.dma.size();
+  const int fds = k.open_fd_count();
+  // The same function again, however spelled: ALREADY_EXISTS naming the PCI address.
+  for (const char* again : {"0000:3B:00.0", "/sys/bus/pci/devices/0000:3b:00.0/"}) {
+    r = Attach(again);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kAlreadyExists) << r.status();
+    EXPECT_NE(r.status().message().find("0000:3b:00.0"), absl::string_view::npos) << r.status();
+  }
+  EXPECT_EQ(k.dma.size(), mapped);
+  EXPECT_EQ(k.open_fd_count(), fds);
+  EXPECT_EQ(vm_->config().vfio_size(), 1);
+
+  ASSERT_TRUE(vm_->Shutdown().ok());
+  r = Attach("0000:3b:00.1");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+}
+
+// A VM with a virtio-balloon refuses a kernel VFIO hot-attach as creation refuses --balloon with
+// --vfio: the device is never opened.
+TEST_F(HotAttach, RefusedWithBalloon) {
+  REQUIRE_KVM();
+  BalloonConfig balloon;
+  balloon.set_free_page_reporting(true);
+  ASSERT_TRUE(Create("idle", "", balloon));
+  absl::StatusOr<uint8_t> r = Attach(kSysfs);
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition) << r.status();
+  EXPECT_NE(r.status().message().find("virtio-balloon cannot be used with a VFIO device"),
+            absl::string_view::npos) << r.status();
+  EXPECT_EQ(k_.open_fd_count(), 0);
+  EXPECT_EQ(vm_->config().vfio_size(), 0);
+}
+
+// A migration destination (or any config) with VfioConfig.pci_slot puts the function there.
+TEST(VfioKernelVm, FixedSlotHonouredAtCreation) {
+  REQUIRE_KVM();
+  TempDir dir;
+  DmaDeviceKernel k;
+  ScopedFakeVfio hook(&k);
+  VmConfig c = DmaConfig(dir);
+  c.mutable_vfio(0)->set_pci_slot(7);
+  auto vm = Vm::Create(c);
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  auto devs = (*vm)->DeviceStatuses();
+  ASSERT_EQ(devs.size(), 1u);
+  EXPECT_EQ(devs[0].pci_address(), "0000:00:07.0");
+  vm->reset();
+  c.mutable_vfio(0)->set_pci_slot(32);
+  auto bad = Vm::Create(c);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("PCI slot 32 out of range"), absl::string_view::npos)
+      << bad.status();
+  EXPECT_EQ(k.open_fd_count(), 0);
+}
+
+// Migration destination: the local function replaces the source's path, but a hot-attached
+// function keeps the source's slot (where its guest found it).
+TEST(VfioKernelConfig, LocalSettingsKeepTheSourceSlot) {
+  VmConfig source;
+  source.set_vcpus(1);
+  source.set_memory_mib(32);
+  source.add_vfio()->set_sysfs_path("0000:3b:00.0");
+  VfioConfig* hot = source.add_vfio();
+  hot->set_sysfs_path("0000:3b:00.1");
+  hot->set_pci_slot(5);
+  VmConfig local;
+  local.add_vfio()->set_sysfs_path("0000:5e:00.0");
+  local.add_vfio()->set_sysfs_path("0000:5e:00.1");
+  ASSERT_TRUE(ApplyLocalSettings(source, local).ok());
+  EXPECT_EQ(source.vfio(0).sysfs_path(), "0000:5e:00.0");
+  EXPECT_EQ(source.vfio(0).pci_slot(), 0u);
+  EXPECT_EQ(source.vfio(1).sysfs_path(), "0000:5e:00.1");
+  EXPECT_EQ(source.vfio(1).pci_slot(), 5u);
 }
 
 TEST(VfioKernelConfig, SameDeviceTwiceRefused) {
