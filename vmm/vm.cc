@@ -1455,13 +1455,22 @@ absl::Status VmImpl::StopPassthroughDevices(migration::DirtySet& dirty) {
 }
 
 absl::Status VmImpl::CheckPassthroughPostcopy() const {
-  for (const PassthroughRef& p : Passthrough())
+  for (const PassthroughRef& p : Passthrough()) {
+    // Kernel VFIO pins guest RAM in the IOMMU when it is DMA-mapped (at creation): the pages
+    // post-copy installs later are not the ones the device would see.
+    if (absl::string_view(p.kind) == "vfio")
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "post-copy is not possible with the VFIO device %s: the IOMMU pins guest RAM when it "
+          "is mapped for DMA, so pages arriving later would not be the ones the device sees; "
+          "use pre-copy",
+          p.what));
     if (p.device->dma_model() == nullptr)
       return absl::FailedPreconditionError(absl::StrFormat(
           "post-copy is not possible with the %s device %s (PCI %04x:%04x): there is no DMA "
           "model of its class, so it could DMA into guest pages that have not arrived yet "
           "(devices/vfio/pci/dma_footprint.h); use pre-copy",
           p.kind, p.what, p.device->config().ReadRaw(0, 2), p.device->config().ReadRaw(2, 2)));
+  }
   return absl::OkStatus();
 }
 

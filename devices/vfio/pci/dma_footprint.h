@@ -22,6 +22,10 @@
 // buffer fetched at Run and on each post), devices with their own page tables (PASID/ATS,
 // GPUs), peer-to-peer DMA, and any class without a model (FootprintFor returns null and the
 // VMM refuses post-copy with a clear error; pre-copy works for every migratable device).
+// Backend: vfio-user only. The device server maps the guest's memfd itself, so a page installed
+// by post-copy is the page it reads and writes. Kernel VFIO pins guest RAM in the IOMMU when it
+// is DMA-mapped (at VM creation): the pinned pages are not the ones post-copy installs later,
+// so post-copy of a VM with a kernel VFIO function is refused (Vm::CheckPassthroughPostcopy).
 #ifndef MICROVMM_DEVICES_VFIO_PCI_DMA_FOOTPRINT_H_
 #define MICROVMM_DEVICES_VFIO_PCI_DMA_FOOTPRINT_H_
 

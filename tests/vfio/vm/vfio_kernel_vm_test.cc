@@ -235,6 +235,22 @@ TEST(VfioKernelVm, IntxTriggerIsConsumedByKvm) {
   EXPECT_EQ(::poll(&q, 1, 0), 1);
 }
 
+// Kernel VFIO pins guest RAM at DMA map: post-copy could not keep the device's view right, so it
+// is refused even for a class with a DMA model (the fake is the 1234:11f0 engine).
+TEST(VfioKernelVm, PostcopyRefusedForKernelVfio) {
+  REQUIRE_KVM();
+  TempDir dir;
+  DmaDeviceKernel k;
+  ScopedFakeVfio hook(&k);
+  auto vm = Vm::Create(DmaConfig(dir));
+  ASSERT_TRUE(vm.ok()) << vm.status();
+  absl::Status s = (*vm)->CheckPassthroughPostcopy();
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition) << s;
+  EXPECT_NE(s.message().find("the IOMMU pins guest RAM"), absl::string_view::npos) << s;
+  EXPECT_FALSE((*vm)->SetPassthroughPostcopy([](uint64_t, uint64_t) { return absl::OkStatus(); })
+                   .ok());
+}
+
 absl::Status CreateError(DmaDeviceKernel& k, VmConfig c) {
   ScopedFakeVfio hook(&k);
   auto vm = Vm::Create(c);
