@@ -12,7 +12,8 @@
  * generation's byte.
  *
  * Args: pages=N (default 256, at most 2048) pages in the region, gens=N generations (default 0:
- * forever), every=N print a line every N generations (default 1).
+ * forever), every=N print a line every N generations (default 1), wait=N: the device may be
+ * hot-attached after boot: print "vfiomig waiting for hotplug" and rescan bus 0 up to N times.
  * Output: "vfiomig found ..." once, "vfiomig gen=G ok completed=C" per generation (C = the device's
  * completed counter, which must equal the DMAs this guest issued: a device whose state did not
  * migrate starts again at 0), "vfiomig done gens=G" after gens=N. Failures print
@@ -55,6 +56,15 @@ int guest_main(uint64_t cpu, uint64_t ncpus, const char* args, uint64_t ram_size
   if (guest_ram_top(ram_size) < REGION + pages * PAGE)
     return fail(70, "RAM too small", ram_size, pages, 0);
   int bdf = pci_find(VENDOR, DEVICE, 0);
+  uint64_t wait = arg_u64(args, "wait", 0);
+  if (wait > 0 && bdf < 0) {
+    /* Hot-attach: rescan bus 0 until the device appears (a freestanding guest runs no AML). */
+    gprintf("vfiomig waiting for hotplug\n");
+    for (uint64_t scans = 0; bdf < 0 && scans < wait; ++scans) {
+      for (volatile uint32_t i = 0; i < 2000; ++i) cpu_relax();
+      bdf = pci_find(VENDOR, DEVICE, 0);
+    }
+  }
   if (bdf < 0) return fail(71, "no 1234:11f0 device", 0, 0, 0);
   uint32_t b = pci_cfg_read((uint32_t)bdf, 0x10);
   uint64_t addr = b & ~0xfull;

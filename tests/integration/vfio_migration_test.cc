@@ -185,6 +185,42 @@ TEST_F(VfioMigrationTest, PostcopyIsRefusedForADeviceClassWithoutDmaModel) {
   EXPECT_NE(out.find("RUNNING"), std::string::npos) << out;
 }
 
+// A device hot-attached to the running source (vmmctl attach) migrates like one given at
+// creation: its config entry (with its PCI slot) travels, the destination connects its own
+// server and puts it at the same slot, the guest continues.
+TEST_F(VfioMigrationTest, HotAttachedDeviceMigrates) {
+  REQUIRE_KVM();
+  const std::string src_sock = StartServer("src-dev.sock");
+  const std::string dst_sock = StartServer("dst-dev.sock");
+  procs_.push_back(std::make_unique<Subprocess>(
+      std::vector<std::string>{Runfile("vmm/vmm"), "--serial", "file:" + dir_.File("src.serial"),
+                               "--memory", "64", "--rng", "--test-guest", "vfiomig",
+                               "--test-guest-args", "pages=128 wait=100000000", "--api-socket",
+                               Api()},
+      dir_.File("src.out"), dir_.File("src.err")));
+  Subprocess* src = procs_.back().get();
+  ASSERT_TRUE(WaitForFileContains(dir_.File("src.serial"), "vfiomig waiting for hotplug",
+                                  absl::Seconds(30)))
+      << Logs();
+  std::string out;
+  std::optional<int> st = Ctl({"attach", "--vfio-user", src_sock}, "attach", &out);
+  ASSERT_TRUE(st.has_value() && *st == 0) << out << Logs();
+  EXPECT_NE(out.find("at 0000:00:02.0"), std::string::npos) << out;  // after the rng at 01
+  ASSERT_TRUE(WaitGen("src.serial", 2, absl::Seconds(60))) << Logs();
+  Subprocess* dst = StartDestination({"--vfio-user", dst_sock});
+  st = Ctl({"migrate", "--to", DstAddr()}, "migrate", &out);
+  ASSERT_TRUE(st.has_value()) << "vmmctl migrate hung\n" << Logs();
+  ASSERT_EQ(*st, 0) << out << Logs();
+  ASSERT_TRUE(src->Wait(absl::Seconds(30)).has_value()) << Logs();
+  const int last_src = MaxGen(SrcSerial());
+  ASSERT_TRUE(WaitGen("dst.serial", last_src + 2, absl::Seconds(120))) << Logs();
+  EXPECT_EQ(DstSerial().find("FAIL"), std::string::npos) << Logs();
+  EXPECT_NE(ReadFileOrEmpty(dir_.File("dst.err")).find("at 0000:00:02.0"), std::string::npos)
+      << "the destination put the device elsewhere\n" << Logs();
+  dst->Signal(SIGTERM);
+  EXPECT_TRUE(dst->Wait(absl::Seconds(20)).has_value());
+}
+
 TEST_F(VfioMigrationTest, DestinationKilledMidwayLeavesTheDeviceRunningOnTheSource) {
   REQUIRE_KVM();
   const std::string src_sock = StartServer("src-dev.sock");
