@@ -323,6 +323,8 @@ class VmImpl : public Vm {
                                                                     const std::string& label);
   // Kernel VFIO PCI functions (config_.vfio), after the vfio-user ones.
   absl::Status SetupVfioKernelDevices();
+  // Hot-attach preconditions: not exited, no incoming post-copy in progress.
+  absl::Status AttachAllowed() const;
   // Opens the kernel VFIO function at `path` and puts it at `slot` of bus 0 (free) with its
   // INTx on PciIntxGsi(slot, pin), BARs as memslots and DMA over all guest RAM; records it in
   // vfio_. Shared by creation and hot-attach. On error nothing stays (the device's destructor
@@ -809,10 +811,22 @@ absl::Status VmImpl::SetupPciHotplug() {
   return pio_.Insert(hotplug_, pci::kPciHotplugIoBase, pci::kPciHotplugIoLen);
 }
 
+absl::Status VmImpl::AttachAllowed() const {
+  std::lock_guard lock(mu_);
+  if (state_ == RunState::kExited)
+    return absl::FailedPreconditionError("cannot attach a device: the VM has exited");
+  // An incoming post-copy still brings pages in: a new device could DMA into missing pages
+  // (only the functions present at the switchover have their doorbells gated).
+  if (waiting_probe_)
+    return absl::FailedPreconditionError(
+        "cannot attach a device while the VM's incoming post-copy migration is still bringing "
+        "its memory in; retry when it has completed");
+  return absl::OkStatus();
+}
+
 absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
   std::lock_guard attach(attach_mu_);
-  if (state() == RunState::kExited)
-    return absl::FailedPreconditionError("cannot attach a device: the VM has exited");
+  if (absl::Status s = AttachAllowed(); !s.ok()) return s;
   const std::string& socket = c.socket();
   if (socket.empty()) return absl::InvalidArgumentError("vfio-user: no socket path");
   // The same server twice would be one device seen twice (as ValidateDeviceConfig refuses).
@@ -930,8 +944,7 @@ absl::Status VmImpl::AddVfioKernel(const std::string& path, uint8_t slot,
 
 absl::StatusOr<uint8_t> VmImpl::AttachVfio(const VfioConfig& c) {
   std::lock_guard attach(attach_mu_);
-  if (state() == RunState::kExited)
-    return absl::FailedPreconditionError("cannot attach a device: the VM has exited");
+  if (absl::Status s = AttachAllowed(); !s.ok()) return s;
   const std::string& path = c.sysfs_path();
   const std::string bdf = VfioBdf(path);
   if (bdf.empty()) return absl::InvalidArgumentError("vfio: no PCI device path");
@@ -1099,18 +1112,26 @@ absl::Status VmImpl::CheckState(RunState want, const char* op) const {
 }
 
 absl::Status VmImpl::Boot() {
-  std::lock_guard lock(mu_);
-  if (absl::Status s = CheckState(RunState::kCreated, "boot"); !s.ok()) return s;
+  std::vector<vfio::VfioPciDevice*> restored;
+  EnsurePresentFn ensure;
+  {
+    std::lock_guard lock(mu_);
+    if (absl::Status s = CheckState(RunState::kCreated, "boot"); !s.ok()) return s;
+    restored.swap(pt_restored_);
+    ensure = pt_ensure_;
+  }
   // Passthrough functions restored from a migration run first, their interrupts connected.
-  for (vfio::VfioPciDevice* d : pt_restored_) {
+  // Not under mu_: making their DMA targets present may wait for the network (and asks state()).
+  for (vfio::VfioPciDevice* d : restored) {
     // Post-copy: what the restored state will DMA must be here before the device runs.
-    if (pt_ensure_ && d->dma_model() != nullptr)
-      EnsureDmaTargets(pt_ensure_, d->dma_model()->AtRun(), d->name());
+    if (ensure && d->dma_model() != nullptr)
+      EnsureDmaTargets(ensure, d->dma_model()->AtRun(), d->name());
     auto m = d->migration();
     absl::Status s = m.ok() ? (*m)->Run() : m.status();
     if (!s.ok()) return absl::Status(s.code(), absl::StrCat(d->name(), ": ", s.message()));
   }
-  pt_restored_.clear();
+  std::lock_guard lock(mu_);
+  if (absl::Status s = CheckState(RunState::kCreated, "boot"); !s.ok()) return s;
   boot_time_ = absl::Now();
   state_ = RunState::kRunning;
   for (auto& v : vcpus_) v->Start();
@@ -1225,6 +1246,7 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
     d->set_kind(v.kind);
     *d->mutable_transport() = v.pci->SaveState();
   }
+  if (hotplug_) st.set_pci_hotplug_pending(hotplug_->pending_up());
   // A passthrough function's state lives in the device: only a stop-and-copy reads it.
   std::vector<PassthroughRef> pt = Passthrough();
   if (!pt.empty() && pt_blobs_.size() != pt.size())
@@ -1330,6 +1352,12 @@ absl::Status VmImpl::RestoreState(const VmState& st) {
       return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
                                                  s.message()));
     pt_restored_.push_back(pt[i].device);
+  }
+  if (hotplug_) {
+    hotplug_->RestorePending(st.pci_hotplug_pending());
+  } else if (st.pci_hotplug_pending() != 0) {
+    return absl::InvalidArgumentError("saved state has a pending PCI hotplug event, this VM has "
+                                      "no hotplug controller");
   }
   if (absl::Status s = pci_->RemapAll(); !s.ok()) return s;
   for (VirtioSlot& v : virtio_)  // notify registers at the restored BAR addresses

@@ -165,7 +165,8 @@ absl::Status MigrationDestination::RunControl(
 
   if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
   while (msg.has_flush()) {  // pre-copy barriers: one per pass
-    if (absl::Status s = WaitStreamsReached(msg.flush().pages_per_stream()); !s.ok()) return s;
+    if (absl::Status s = WaitStreamsReached(msg.flush().pages_per_stream(), ctx); !s.ok())
+      return s;
     reply.Clear();
     reply.mutable_flushed();
     if (!stream->Write(reply)) return absl::UnavailableError("source went away during pre-copy");
@@ -207,28 +208,41 @@ absl::Status MigrationDestination::RunControl(
 }
 
 absl::Status MigrationDestination::WaitStreamsReached(
-    const google::protobuf::RepeatedField<uint64_t>& counts) {
+    const google::protobuf::RepeatedField<uint64_t>& counts, grpc::ServerContext* ctx) {
   absl::MutexLock lock(&mu_);
   if (static_cast<uint32_t>(counts.size()) != precopy_streams_)
     return absl::InvalidArgumentError(absl::StrFormat(
         "flush names %d page streams, the migration has %d", counts.size(), precopy_streams_));
-  auto reached = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+  // Done when every stream delivered its count, or one failed, or one ended short of it (the
+  // source closed it: nothing more can come on it).
+  auto settled = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (!page_error_.empty()) return true;
     for (uint32_t i = 0; i < precopy_streams_; ++i)
-      if (received_[i] < counts.Get(i)) return false;
+      if (received_[i] < counts.Get(i) && stream_state_[i] != 2) return false;
     return true;
   };
   // The source flushes what it has handed to its streams; those bytes are at most a few
-  // socket buffers away. A stream that stops delivering for this long has failed.
-  if (!mu_.AwaitWithTimeout(absl::Condition(&reached), kFlushTimeout)) {
-    std::string got;
-    for (uint32_t i = 0; i < precopy_streams_; ++i)
-      absl::StrAppendFormat(&got, "%s%d/%d", i ? ", " : "", received_[i], counts.Get(i));
-    return absl::DeadlineExceededError(absl::StrFormat(
-        "page streams did not deliver the flushed pages within %d s (received/flushed: %s)",
-        absl::ToInt64Seconds(kFlushTimeout), got));
+  // socket buffers away. A stream that stops delivering for this long has failed; a source
+  // that went away (the control call ends) is noticed within a second.
+  const absl::Time deadline = absl::Now() + kFlushTimeout;
+  while (!mu_.AwaitWithTimeout(absl::Condition(&settled), absl::Seconds(1))) {
+    if (ctx != nullptr && ctx->IsCancelled())
+      return absl::CancelledError("the source went away during pre-copy");
+    if (absl::Now() >= deadline) {
+      std::string got;
+      for (uint32_t i = 0; i < precopy_streams_; ++i)
+        absl::StrAppendFormat(&got, "%s%d/%d", i ? ", " : "", received_[i], counts.Get(i));
+      return absl::DeadlineExceededError(absl::StrFormat(
+          "page streams did not deliver the flushed pages within %d s (received/flushed: %s)",
+          absl::ToInt64Seconds(kFlushTimeout), got));
+    }
   }
   if (!page_error_.empty()) return absl::InvalidArgumentError(page_error_);
+  for (uint32_t i = 0; i < precopy_streams_; ++i)
+    if (received_[i] < counts.Get(i))
+      return absl::DataLossError(absl::StrFormat(
+          "page stream %d ended after %d pages, the source flushed %d", i, received_[i],
+          counts.Get(i)));
   return absl::OkStatus();
 }
 

@@ -46,7 +46,9 @@ class MigrationDestination final : public Migration::Service {
   // Waits until page streams [first, first + counts.size()) are closed with exactly `counts`.
   absl::Status WaitStreamsClosed(uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts);
   // Pre-copy Flush: waits until every pre-copy page stream delivered at least `counts` records.
-  absl::Status WaitStreamsReached(const google::protobuf::RepeatedField<uint64_t>& counts);
+  // Fails fast when a stream ends short or `ctx` (the control call) is cancelled.
+  absl::Status WaitStreamsReached(const google::protobuf::RepeatedField<uint64_t>& counts,
+                                  grpc::ServerContext* ctx);
   static constexpr absl::Duration kFlushTimeout = absl::Seconds(60);
   absl::Status RunPostcopy(grpc::ServerReaderWriter<DestinationMessage, SourceMessage>* stream,
                            const StartPostcopy& sp, Vm* vm);

@@ -65,6 +65,25 @@ TEST(PciHotplugControllerTest, StatusBitSetOnAttachAndWriteOneToClear) {
   EXPECT_EQ(irq, std::vector<bool>({true, false}));
 }
 
+// Saved state: an event the guest has not acknowledged survives a migration (the destination's
+// controller raises the line again), and is acknowledged there as usual.
+TEST(PciHotplugControllerTest, PendingEventSurvivesSaveRestore) {
+  PciHotplugController src([](bool) {});
+  src.SlotAdded(3);
+  std::vector<bool> irq;
+  PciHotplugController dst([&](bool level) { irq.push_back(level); });
+  dst.RestorePending(src.pending_up() | 1u);  // slot 0 is never hotplugged: dropped
+  EXPECT_EQ(ReadReg(dst, pci::kPciHotplugRegUp), 1u << 3);
+  EXPECT_TRUE(dst.irq_level());
+  EXPECT_EQ(irq, std::vector<bool>({true}));
+  WriteReg(dst, pci::kPciHotplugRegUp, 1u << 3);
+  EXPECT_FALSE(dst.irq_level());
+  PciHotplugController idle([&](bool level) { irq.push_back(level); });
+  idle.RestorePending(0);
+  EXPECT_FALSE(idle.irq_level());
+  EXPECT_EQ(irq, std::vector<bool>({true, false})) << "nothing pending: the line stays low";
+}
+
 TEST(PciHotplugControllerTest, EjectIsRefusedAndOddAccessesAreHarmless) {
   std::vector<bool> irq;
   PciHotplugController c([&](bool level) { irq.push_back(level); });

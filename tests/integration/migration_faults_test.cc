@@ -668,6 +668,27 @@ TEST_F(RawMigrationClientTest, FlushIsAnsweredOnceThePagesArrived) {
   ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "");
 }
 
+// A Flush claiming more than a stream delivered before it ended fails at once (not after the
+// flush timeout): nothing more can come on a closed stream.
+TEST_F(RawMigrationClientTest, FlushBeyondAClosedStreamIsDataLoss) {
+  REQUIRE_KVM();
+  auto c = OpenControl();
+  ASSERT_TRUE(SendHeader(*c, ValidHeader("mig-flush-short"))) << ReadFileOrEmpty(dir_.File("dst.err"));
+  grpc::Status ps = SendPages({Batch("mig-flush-short"), Batch("mig-flush-short", {Zero(0)})});
+  ASSERT_TRUE(ps.ok()) << ps.error_message();
+  SourceMessage m;
+  m.mutable_flush()->add_pages_per_stream(5);
+  ASSERT_TRUE(c->rw->Write(m));
+  DestinationMessage reply;
+  EXPECT_FALSE(c->rw->Read(&reply) && reply.has_flushed()) << "short Flush was answered";
+  grpc::Status cs = c->rw->Finish();
+  EXPECT_EQ(cs.error_code(), grpc::StatusCode::DATA_LOSS) << cs.error_message();
+  EXPECT_NE(cs.error_message().find("ended after 1 pages, the source flushed 5"),
+            std::string::npos)
+      << cs.error_message();
+  ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "the source flushed 5");
+}
+
 TEST_F(RawMigrationClientTest, FlushWithWrongStreamCountIsRefused) {
   REQUIRE_KVM();
   auto c = OpenControl();

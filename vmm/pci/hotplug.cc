@@ -24,6 +24,12 @@ void PciHotplugController::SlotAdded(uint8_t slot) {
   UpdateIrqLocked();
 }
 
+void PciHotplugController::RestorePending(uint32_t up) {
+  std::lock_guard lock(mu_);
+  up_ = up & ~1u;  // slot 0 (the host bridge) is never hotplugged
+  UpdateIrqLocked();
+}
+
 uint32_t PciHotplugController::pending_up() const {
   std::lock_guard lock(mu_);
   return up_;

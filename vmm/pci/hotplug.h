@@ -49,7 +49,10 @@ class PciHotplugController : public BusDevice {
 
   // A device was placed in `slot` (1..31): sets its PCIU bit and asserts the interrupt.
   void SlotAdded(uint8_t slot);
+  // Saved state: the PCIU bits the guest has not acknowledged yet (a migration in between must
+  // not lose the event); restoring re-asserts the interrupt when any is set.
   uint32_t pending_up() const;
+  void RestorePending(uint32_t up);
   bool irq_level() const;
   uint64_t eject_requests() const;
 

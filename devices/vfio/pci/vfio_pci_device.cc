@@ -686,7 +686,11 @@ void VfioPciDevice::WriteBar(int bar, uint64_t offset, std::span<const uint8_t> 
     case MsixPart::kNone: break;
   }
   // The DMA model follows every write (it must know the registers when post-copy starts);
-  // while a gate is set, what the write makes the device access is made present first.
+  // while a gate is set, what the write makes the device access is made present first. Model,
+  // gate and forwarding are one step per device: another vCPU reprogramming the registers
+  // while a doorbell waits in the gate must not reach the device first.
+  std::unique_lock<std::mutex> model_lock;
+  if (dma_model_) model_lock = std::unique_lock<std::mutex>(model_mu_);
   std::vector<DmaRange> targets;
   if (dma_model_) targets = dma_model_->OnBarWrite(bar, offset, data);
   if (!targets.empty()) {
@@ -694,8 +698,13 @@ void VfioPciDevice::WriteBar(int bar, uint64_t offset, std::span<const uint8_t> 
     {
       std::lock_guard lock(gate_mu_);
       gate = gate_;
+      if (gate) ++gate_calls_;
     }
-    if (gate) (*gate)(targets);
+    if (gate) {
+      (*gate)(targets);
+      std::lock_guard lock(gate_mu_);
+      if (--gate_calls_ == 0) gate_cv_.notify_all();
+    }
   }
   absl::Status s;
   if (!InRegion(bar, offset, data.size())) {
@@ -717,9 +726,11 @@ void VfioPciDevice::BarMoved(const pci::BarMove& move) {
 
 void VfioPciDevice::SetBarWriteGate(BarWriteGate gate) {
   {
-    std::lock_guard lock(gate_mu_);
+    std::unique_lock lock(gate_mu_);
     gate_ = gate ? std::make_shared<const BarWriteGate>(std::move(gate)) : nullptr;
     trap_all_ = gate_ != nullptr;
+    // Removing it: calls in flight may use what the gate refers to; they end before we return.
+    if (!gate_) gate_cv_.wait(lock, [this] { return gate_calls_ == 0; });
   }
   ReconcileDirectMaps();
 }

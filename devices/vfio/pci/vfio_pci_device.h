@@ -57,6 +57,7 @@
 
 #include <array>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -158,7 +159,8 @@ class VfioPciDevice : public pci::PciDevice {
   // While set, `gate` is called with what a guest BAR write makes the device access (per the
   // DMA model), before the write reaches the device; it may block the writing vCPU until those
   // pages are present. While a gate is set no BAR range is mapped directly into the guest, so
-  // every write traps (doorbells included). nullptr removes it; direct maps return.
+  // every write traps (doorbells included). nullptr removes it, waits for calls in flight to
+  // end, and direct maps return.
   using BarWriteGate = std::function<void(const std::vector<DmaRange>& targets)>;
   void SetBarWriteGate(BarWriteGate gate);
 
@@ -248,8 +250,11 @@ class VfioPciDevice : public pci::PciDevice {
   bool detached_ = false;
   const std::unique_ptr<DmaFootprint> dma_model_;
   std::mutex maps_mu_;  // ReconcileDirectMaps: vCPU config writes vs SetBarWriteGate
+  std::mutex model_mu_;  // WriteBar of a device with a DMA model: model, gate, forward
   std::mutex gate_mu_;
+  std::condition_variable gate_cv_;
   std::shared_ptr<const BarWriteGate> gate_;  // guarded by gate_mu_ (copied out to call)
+  int gate_calls_ = 0;                        // guarded by gate_mu_: calls in flight
   std::atomic<bool> trap_all_{false};
 };
 
