@@ -274,6 +274,7 @@ class VmImpl : public Vm {
   absl::StatusOr<int> StartPassthroughMigration() override;
   absl::StatusOr<uint64_t> SyncPassthroughMigration(migration::DirtySet& dirty) override;
   absl::Status StopPassthroughDevices(migration::DirtySet& dirty) override;
+  std::vector<PassthroughData> TakePassthroughPrecopyData(size_t max_chunk) override;
   void CancelPassthroughMigration() override;
   int passthrough_devices() const override { return static_cast<int>(Passthrough().size()); }
   absl::Status CheckPassthroughPostcopy() const override;
@@ -405,6 +406,7 @@ class VmImpl : public Vm {
   // functions RestoreState left stopped, run at Boot().
   std::vector<PassthroughRef> pt_migrating_;
   std::vector<std::string> pt_blobs_;
+  std::vector<uint64_t> pt_sent_;  // per pt_migrating_: stream bytes handed out ahead
   std::vector<vfio::VfioPciDevice*> pt_restored_;
   // Post-copy (destination): how to make guest pages present for passthrough DMA.
   EnsurePresentFn pt_ensure_;
@@ -1257,9 +1259,14 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
     VfioDeviceState* d = st.add_vfio_devices();
     d->set_kind(pt[i].kind);
     d->set_slot(pt[i].slot);
+    // The start of the stream may have travelled already (TakePassthroughPrecopyData).
+    const uint64_t sent = i < pt_sent_.size() ? pt_sent_[i] : 0;
     const std::string& blob = pt_blobs_[i];
+    if (sent > blob.size())
+      return absl::InternalError(absl::StrCat(pt[i].what, ": more device data sent than read"));
+    d->set_blob_offset(sent);
     if (!d->mutable_pci()->ParseFromString(pt[i].device->SaveState(std::span<const uint8_t>(
-            reinterpret_cast<const uint8_t*>(blob.data()), blob.size()))))
+            reinterpret_cast<const uint8_t*>(blob.data()) + sent, blob.size() - sent))))
       return absl::InternalError(absl::StrCat(pt[i].what, ": device state does not parse"));
   }
   return st;
@@ -1411,6 +1418,7 @@ absl::StatusOr<int> VmImpl::StartPassthroughMigration() {
   }
   pt_migrating_ = pt;
   pt_blobs_.clear();
+  pt_sent_.assign(pt.size(), 0);
   for (size_t i = 0; i < pt.size(); ++i) {
     absl::Status s = drivers[i]->StartPreCopy().status();
     if (s.ok()) s = drivers[i]->StartDirtyTracking(pt[i].device->dma_ranges());
@@ -1545,6 +1553,21 @@ absl::Status VmImpl::SetPassthroughPostcopy(EnsurePresentFn ensure) {
   return absl::OkStatus();
 }
 
+std::vector<Vm::PassthroughData> VmImpl::TakePassthroughPrecopyData(size_t max_chunk) {
+  std::vector<PassthroughData> out;
+  for (size_t i = 0; i < pt_migrating_.size() && i < pt_sent_.size(); ++i) {
+    auto m = pt_migrating_[i].device->migration();
+    if (!m.ok()) continue;
+    const std::string_view blob = (*m)->blob();
+    while (pt_sent_[i] < blob.size()) {
+      const size_t n = std::min<size_t>(max_chunk, blob.size() - pt_sent_[i]);
+      out.push_back({pt_migrating_[i].slot, pt_sent_[i], std::string(blob.substr(pt_sent_[i], n))});
+      pt_sent_[i] += n;
+    }
+  }
+  return out;
+}
+
 void VmImpl::CancelPassthroughMigration() {
   for (const PassthroughRef& p : pt_migrating_) {
     auto m = p.device->migration();
@@ -1558,6 +1581,7 @@ void VmImpl::CancelPassthroughMigration() {
   }
   pt_migrating_.clear();
   pt_blobs_.clear();
+  pt_sent_.clear();
 }
 
 absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {

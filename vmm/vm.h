@@ -151,6 +151,16 @@ class Vm {
   // final DMA dirty pages into `dirty` (after the stop: no DMA can follow). SaveState of a VM
   // with passthrough functions needs this first.
   virtual absl::Status StopPassthroughDevices(migration::DirtySet& dirty) = 0;
+  // Pre-copy data the functions produced since the last call (read by SyncPassthroughMigration),
+  // for sending ahead of the switchover in chunks of at most `max_chunk` bytes; SaveState then
+  // carries only the rest of each device's stream (VfioDeviceState.blob_offset). Call only when
+  // the chunks will reach the destination.
+  struct PassthroughData {
+    uint32_t slot = 0;    // PCI device number
+    uint64_t offset = 0;  // in the device's migration stream
+    std::string data;
+  };
+  virtual std::vector<PassthroughData> TakePassthroughPrecopyData(size_t max_chunk) = 0;
   // The migration ended without the destination taking over: devices back to RUNNING, DMA
   // logging off, saved device state dropped. Idempotent.
   virtual void CancelPassthroughMigration() = 0;

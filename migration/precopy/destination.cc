@@ -1,6 +1,7 @@
 #include "migration/precopy/destination.h"
 
 #include <cstring>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -161,15 +162,22 @@ absl::Status MigrationDestination::RunControl(
   }
   DestinationMessage reply;
   reply.mutable_accepted()->set_flush(true);
+  reply.mutable_accepted()->set_device_data(true);
   if (!stream->Write(reply)) return absl::UnavailableError("source went away after the header");
 
   if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
-  while (msg.has_flush()) {  // pre-copy barriers: one per pass
-    if (absl::Status s = WaitStreamsReached(msg.flush().pages_per_stream(), ctx); !s.ok())
-      return s;
-    reply.Clear();
-    reply.mutable_flushed();
-    if (!stream->Write(reply)) return absl::UnavailableError("source went away during pre-copy");
+  // Pre-copy: barriers (one per pass) and passthrough devices' pre-copy data.
+  while (msg.has_flush() || msg.has_device_data()) {
+    if (msg.has_device_data()) {
+      if (absl::Status s = AddDeviceData(msg.device_data()); !s.ok()) return s;
+    } else {
+      if (absl::Status s = WaitStreamsReached(msg.flush().pages_per_stream(), ctx); !s.ok())
+        return s;
+      reply.Clear();
+      reply.mutable_flushed();
+      if (!stream->Write(reply))
+        return absl::UnavailableError("source went away during pre-copy");
+    }
     if (!stream->Read(&msg)) return absl::UnavailableError("source disconnected during pre-copy");
   }
   if (msg.has_abort())
@@ -184,7 +192,9 @@ absl::Status MigrationDestination::RunControl(
   if (!msg.has_complete()) return absl::InvalidArgumentError("expected Complete");
   const Complete& c = msg.complete();
   if (absl::Status s = WaitStreamsClosed(0, c.pages_per_stream()); !s.ok()) return s;
-  if (absl::Status s = vm->RestoreState(c.state()); !s.ok()) return s;
+  VmState state = c.state();
+  if (absl::Status s = MergeDeviceData(state); !s.ok()) return s;
+  if (absl::Status s = vm->RestoreState(state); !s.ok()) return s;
   reply.Clear();
   reply.mutable_ready();
   if (!stream->Write(reply)) return absl::UnavailableError("source went away before Go");
@@ -204,6 +214,49 @@ absl::Status MigrationDestination::RunControl(
   }
   Finish(std::move(running));
   (void)ctx;
+  return absl::OkStatus();
+}
+
+absl::Status MigrationDestination::AddDeviceData(const DeviceData& d) {
+  if (d.slot() == 0 || d.slot() >= 32)
+    return absl::InvalidArgumentError(absl::StrFormat("device data for PCI slot %d", d.slot()));
+  if (d.data().size() > kMaxDeviceDataChunk)
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "device data chunk of %d bytes (at most %d)", d.data().size(), kMaxDeviceDataChunk));
+  std::string& have = device_data_[d.slot()];
+  if (d.offset() != have.size())
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "device data for slot %d at offset %d, %d bytes arrived before it", d.slot(), d.offset(),
+        have.size()));
+  device_data_bytes_ += d.data().size();
+  if (device_data_bytes_ > kMaxDeviceData)
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "more than %d MiB of device pre-copy data", kMaxDeviceData >> 20));
+  have += d.data();
+  return absl::OkStatus();
+}
+
+absl::Status MigrationDestination::MergeDeviceData(VmState& state) {
+  std::set<uint32_t> used;
+  for (VfioDeviceState& d : *state.mutable_vfio_devices()) {
+    auto it = device_data_.find(d.slot());
+    const uint64_t have = it == device_data_.end() ? 0 : it->second.size();
+    if (d.blob_offset() != have)
+      return absl::DataLossError(absl::StrFormat(
+          "the %s device at slot %d continues its migration stream at byte %d, but %d bytes of "
+          "it arrived before", d.kind(), d.slot(), d.blob_offset(), have));
+    if (have == 0) continue;
+    d.mutable_pci()->set_device_blob(it->second + d.pci().device_blob());
+    d.set_blob_offset(0);
+    used.insert(d.slot());
+  }
+  for (const auto& [slot, data] : device_data_)
+    if (!used.count(slot) && !data.empty())
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "device pre-copy data arrived for PCI slot %d, which has no device in the VM state",
+          slot));
+  device_data_.clear();
+  device_data_bytes_ = 0;
   return absl::OkStatus();
 }
 
@@ -575,7 +628,9 @@ absl::Status MigrationDestination::RunPostcopy(
     received_.resize(streams_, 0);
     stream_state_.resize(streams_, 0);
   }
-  if (absl::Status s = vm->RestoreState(sp.state()); !s.ok()) return s;
+  VmState state = sp.state();
+  if (absl::Status s = MergeDeviceData(state); !s.ok()) return s;
+  if (absl::Status s = vm->RestoreState(state); !s.ok()) return s;
   if (vm->passthrough_devices() > 0) {
     // Passthrough devices DMA only into pages that are here (their doorbells wait for them).
     PostcopyMemory* pc = postcopy_.get();

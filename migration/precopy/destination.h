@@ -4,6 +4,7 @@
 #define MICROVMM_MIGRATION_PRECOPY_DESTINATION_H_
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -46,6 +47,14 @@ class MigrationDestination final : public Migration::Service {
   // Waits until page streams [first, first + counts.size()) are closed with exactly `counts`.
   absl::Status WaitStreamsClosed(uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts);
   // Pre-copy Flush: waits until every pre-copy page stream delivered at least `counts` records.
+  // Passthrough devices' pre-copy data (DeviceData), kept per PCI slot until the state comes;
+  // MergeDeviceData puts it in front of each device's blob and checks nothing is missing.
+  absl::Status AddDeviceData(const DeviceData& d);
+  absl::Status MergeDeviceData(VmState& state);
+  static constexpr size_t kMaxDeviceDataChunk = size_t{1} << 20;
+  static constexpr uint64_t kMaxDeviceData = uint64_t{1} << 30;
+  std::map<uint32_t, std::string> device_data_;  // control thread only
+  uint64_t device_data_bytes_ = 0;
   // Fails fast when a stream ends short or `ctx` (the control call) is cancelled.
   absl::Status WaitStreamsReached(const google::protobuf::RepeatedField<uint64_t>& counts,
                                   grpc::ServerContext* ctx);

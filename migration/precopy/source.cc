@@ -26,6 +26,8 @@ namespace {
 constexpr int kPagesPerBatch = 64;
 // Longest wait for the guest's free-page hints before the first pre-copy pass.
 constexpr absl::Duration kHintWait = absl::Seconds(3);
+// Passthrough devices' pre-copy data per control message (the destination takes up to 1 MiB).
+constexpr size_t kDeviceDataChunk = size_t{1} << 20;
 
 std::string NewMigrationId() {
   std::random_device rd;
@@ -509,6 +511,8 @@ absl::Status MigrationSource::Session::Run() {
   if (!control->Read(&reply)) return control_error("refusing the header");
   if (!reply.has_accepted()) return absl::InternalError("destination did not accept the header");
   const bool flush = reply.accepted().flush();
+  const bool device_data = reply.accepted().device_data();
+  uint64_t device_data_sent = 0;
   if (absl::Status s = OpenStreams(); !s.ok()) return s;
   // Pre-copy barrier (see Flush in migration.proto): returns once the destination holds every
   // page handed to the streams so far.
@@ -585,6 +589,18 @@ absl::Status MigrationSource::Session::Run() {
     if (absl::Status s = tracker.Sync(fresh, &sync_stats); !s.ok()) return s;
     // Pages passthrough devices wrote by DMA (and their pre-copy data, read as it comes).
     if (auto pt = vm_->SyncPassthroughMigration(fresh); !pt.ok()) return pt.status();
+    // That data travels now, while the guest runs, not in the state at the switchover.
+    if (device_data) {
+      for (Vm::PassthroughData& d : vm_->TakePassthroughPrecopyData(kDeviceDataChunk)) {
+        msg.Clear();
+        DeviceData* dd = msg.mutable_device_data();
+        dd->set_slot(d.slot);
+        dd->set_offset(d.offset);
+        device_data_sent += d.data.size();
+        *dd->mutable_data() = std::move(d.data);
+        if (!control->Write(msg)) return control_error("during pre-copy");
+      }
+    }
     const absl::Duration sync_time = absl::Now() - sync_start;
     if (hints_) hints_->ClearDirty(fresh);  // written since their hint: send them
     dirty.Or(fresh);
@@ -736,6 +752,9 @@ absl::Status MigrationSource::Session::Run() {
     FillHints(p);
     FillEncoding(p);
   });
+  if (device_data_sent > 0)
+    LOG_INFO("migration %s: %d KiB of passthrough device pre-copy data went during the passes",
+             o_->id_, device_data_sent / 1024);
   LOG_INFO("migration %s: switchover sent %d final pages; downtime %d ms", o_->id_, final_pages,
            resume_ns ? (resume_ns - pause_ns) / 1000000 : absl::ToInt64Milliseconds(local_downtime));
   if (result.ok()) vm_->MarkMigrated(absl::StrCat("migrated to ", o_->options_.destination));

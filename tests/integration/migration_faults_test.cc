@@ -689,6 +689,48 @@ TEST_F(RawMigrationClientTest, FlushBeyondAClosedStreamIsDataLoss) {
   ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "the source flushed 5");
 }
 
+// Passthrough device pre-copy data (DeviceData) must continue each device's stream exactly and
+// belong to a device of the VM state.
+TEST_F(RawMigrationClientTest, DeviceDataWithAGapIsRefused) {
+  REQUIRE_KVM();
+  auto c = OpenControl();
+  SourceMessage m;
+  *m.mutable_header() = ValidHeader("mig-devdata-gap");
+  ASSERT_TRUE(c->rw->Write(m));
+  DestinationMessage reply;
+  ASSERT_TRUE(c->rw->Read(&reply) && reply.has_accepted()) << ReadFileOrEmpty(dir_.File("dst.err"));
+  EXPECT_TRUE(reply.accepted().device_data());
+  m.Clear();
+  m.mutable_device_data()->set_slot(3);
+  m.mutable_device_data()->set_offset(5);
+  m.mutable_device_data()->set_data("later");
+  ASSERT_TRUE(c->rw->Write(m));
+  grpc::Status cs = c->rw->Finish();
+  EXPECT_EQ(cs.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << cs.error_message();
+  EXPECT_NE(cs.error_message().find("at offset 5, 0 bytes arrived before it"), std::string::npos)
+      << cs.error_message();
+  ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "at offset 5");
+}
+
+TEST_F(RawMigrationClientTest, DeviceDataForNoDeviceIsRefused) {
+  REQUIRE_KVM();
+  auto c = OpenControl();
+  ASSERT_TRUE(SendHeader(*c, ValidHeader("mig-devdata-orphan")))
+      << ReadFileOrEmpty(dir_.File("dst.err"));
+  SourceMessage m;
+  m.mutable_device_data()->set_slot(3);
+  m.mutable_device_data()->set_data(std::string(100, 'x'));
+  ASSERT_TRUE(c->rw->Write(m));
+  ASSERT_TRUE(SendPages({Batch("mig-devdata-orphan")}).ok());
+  bool ready = false;
+  grpc::Status cs = SendComplete(*c, VmState(), 0, &ready);
+  EXPECT_FALSE(ready);
+  EXPECT_NE(cs.error_message().find("arrived for PCI slot 3, which has no device"),
+            std::string::npos)
+      << cs.error_code() << " " << cs.error_message();
+  ExpectDestinationFailed(*dst_, "dst", absl::Seconds(5), "which has no device");
+}
+
 TEST_F(RawMigrationClientTest, FlushWithWrongStreamCountIsRefused) {
   REQUIRE_KVM();
   auto c = OpenControl();

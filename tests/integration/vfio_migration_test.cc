@@ -103,9 +103,10 @@ class VfioMigrationTest : public ::testing::Test {
 
   // Migrates with `flags` and checks the guest continues on the destination: at least two more
   // generations there, every DMA-written page and the device state verified by the guest.
-  void MigrateAndCheck(const std::vector<std::string>& flags) {
-    const std::string src_sock = StartServer("src-dev.sock");
-    const std::string dst_sock = StartServer("dst-dev.sock");
+  void MigrateAndCheck(const std::vector<std::string>& flags,
+                       const std::vector<std::string>& server_flags = {}) {
+    const std::string src_sock = StartServer("src-dev.sock", server_flags);
+    const std::string dst_sock = StartServer("dst-dev.sock", server_flags);
     Subprocess* src = StartSource(src_sock);
     ASSERT_TRUE(WaitGen("src.serial", 2, absl::Seconds(60))) << Logs();
     Subprocess* dst = StartDestination({"--vfio-user", dst_sock});
@@ -143,6 +144,25 @@ TEST_F(VfioMigrationTest, PrecopyCarriesDmaWrittenPagesAndDeviceState) {
   // Several passes while the device writes (bandwidth-limited so that DMA lands between them;
   // the device dirties faster than 256 KiB/s, so the switchover comes after 4 passes).
   MigrateAndCheck({"--bandwidth", "256K", "--max-iterations", "4"});
+}
+
+// A device with pre-copy data (3 MB ahead of its state): the data goes during the passes, not
+// in the state at the switchover; the destination device checks the whole stream byte for byte.
+TEST_F(VfioMigrationTest, DevicePrecopyDataTravelsDuringThePasses) {
+  REQUIRE_KVM();
+  MigrateAndCheck({"--bandwidth", "4M", "--max-iterations", "3"},
+                  {"--precopy-bytes", "3000000"});
+  const std::string err = ReadFileOrEmpty(dir_.File("src.err"));
+  EXPECT_NE(err.find("2929 KiB of passthrough device pre-copy data went during the passes"),
+            std::string::npos)
+      << err;
+}
+
+// Post-copy after pre-copy passes, with device pre-copy data: the destination merges what came
+// during the passes with the state's rest.
+TEST_F(VfioMigrationTest, DevicePrecopyDataWithPostcopy) {
+  REQUIRE_KVM();
+  MigrateAndCheck({"--postcopy-after", "2", "--bandwidth", "1M"}, {"--precopy-bytes", "3000000"});
 }
 
 TEST_F(VfioMigrationTest, PurePostcopyFetchesWhatTheDeviceDmasBeforeItDoes) {

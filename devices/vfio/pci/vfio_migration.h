@@ -31,6 +31,7 @@
 #include <mutex>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -66,8 +67,10 @@ class VfioMigrationDriver {
   // Reads what the device has for now (at most `max_bytes`), appending it to the blob. Returns
   // the number of bytes read; 0 = nothing more for now. The VM keeps running.
   absl::StatusOr<size_t> DrainPreCopy(size_t max_bytes = SIZE_MAX);
-  // Bytes of the blob read so far (pre-copy progress).
+  // Bytes of the blob read so far (pre-copy progress), and the blob itself (valid until the
+  // next call that reads more, Cancel or StopAndCopy).
   size_t blob_bytes() const { return blob_.size(); }
+  std::string_view blob() const { return blob_; }
   // Stops the device, reads its final state to EOF and leaves it in STOP. Returns the whole
   // blob (pre-copy data included). At most `max_bytes` in total (a device streaming forever is
   // an error, not an out-of-memory).

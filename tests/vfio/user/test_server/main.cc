@@ -33,15 +33,17 @@ int main(int argc, char** argv) {
       path = a.substr(14);
     } else if (a == "--no-migration") {
       opts.migration = false;
+    } else if (a == "--precopy-bytes" && i + 1 < argc) {
+      opts.precopy_bytes = std::strtoull(argv[++i], nullptr, 10);
     } else if (a == "--device-id" && i + 1 < argc) {
       opts.device_id = static_cast<uint16_t>(std::strtoul(argv[++i], nullptr, 16));
     } else {
-      std::fprintf(stderr, "usage: %s --socket PATH [--no-migration] [--device-id HEX]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s --socket PATH [--no-migration] [--device-id HEX] [--precopy-bytes N]\n", argv[0]);
       return 2;
     }
   }
   if (path.empty()) {
-    std::fprintf(stderr, "usage: %s --socket PATH [--no-migration] [--device-id HEX]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s --socket PATH [--no-migration] [--device-id HEX] [--precopy-bytes N]\n", argv[0]);
     return 2;
   }
   auto server = microvmm::vfio_user::testdev::TestDeviceServer::Create(opts);

@@ -811,6 +811,13 @@ int TestDeviceServer::SetMigState(vfio::MigState to) {
     mig_out_.clear();
     mig_out_pos_ = 0;
   } else if (arc(S::kResuming, S::kStop)) {
+    // The stream must start with the pre-copy part, byte for byte, then the state.
+    const std::vector<uint8_t> pre = PrecopyPart();
+    if (mig_in_.size() < pre.size() || !std::equal(pre.begin(), pre.end(), mig_in_.begin())) {
+      mig_in_.clear();
+      return EINVAL;
+    }
+    mig_in_.erase(mig_in_.begin(), mig_in_.begin() + pre.size());
     if (!LoadBlob(mig_in_)) {
       mig_in_.clear();
       return EINVAL;  // stay in RESUMING: the client may retry with a correct stream
@@ -821,11 +828,20 @@ int TestDeviceServer::SetMigState(vfio::MigState to) {
     mig_out_pos_ = 0;
   } else if (arc(S::kStop, S::kRunning)) {
   } else if (arc(S::kRunning, S::kPreCopy)) {
-    // Pre-copy has nothing to send ahead of time in this device: reads return 0 (nothing now).
-    mig_out_.clear();
+    // The pre-copy part of the stream (options_.precopy_bytes of a fixed pattern; none by
+    // default: reads return 0, nothing now).
+    mig_out_ = PrecopyPart();
     mig_out_pos_ = 0;
-  } else if (arc(S::kStop, S::kStopCopy) || arc(S::kPreCopy, S::kStopCopy)) {
-    mig_out_ = SaveBlob();  // the device is stopped: this is its final state
+  } else if (arc(S::kPreCopy, S::kStopCopy)) {
+    // Whatever pre-copy data was not read yet, then the final state.
+    mig_out_.erase(mig_out_.begin(), mig_out_.begin() + mig_out_pos_);
+    std::vector<uint8_t> b = SaveBlob();
+    mig_out_.insert(mig_out_.end(), b.begin(), b.end());
+    mig_out_pos_ = 0;
+  } else if (arc(S::kStop, S::kStopCopy)) {
+    mig_out_ = PrecopyPart();  // no pre-copy phase: the whole stream now
+    std::vector<uint8_t> b = SaveBlob();  // the device is stopped: this is its final state
+    mig_out_.insert(mig_out_.end(), b.begin(), b.end());
     mig_out_pos_ = 0;
   } else if (arc(S::kStop, S::kResuming)) {
     mig_in_.clear();
@@ -835,6 +851,12 @@ int TestDeviceServer::SetMigState(vfio::MigState to) {
   mig_ = to;
   if (Running() && st_.regs[kRegStatus / 8] == kStatusPending) RunDma();
   return 0;
+}
+
+std::vector<uint8_t> TestDeviceServer::PrecopyPart() const {
+  std::vector<uint8_t> b(options_.precopy_bytes);
+  for (size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(i * 131 + (i >> 12) + 7);
+  return b;
 }
 
 std::vector<uint8_t> TestDeviceServer::SaveBlob() {
@@ -889,7 +911,7 @@ TestDeviceServer::Reply TestDeviceServer::HandleMigDataRead(const Message& m) {
 TestDeviceServer::Reply TestDeviceServer::HandleMigDataWrite(const Message& m) {
   Reply r;
   auto p = ReadAt<MigDataPayload>(m.payload, 0);
-  const size_t max_blob = 16 + sizeof(State);
+  const size_t max_blob = options_.precopy_bytes + 16 + sizeof(State);
   if (!p.ok() || mig_ != vfio::MigState::kResuming ||
       m.payload.size() != sizeof(MigDataPayload) + p->size) {
     r.error = EINVAL;

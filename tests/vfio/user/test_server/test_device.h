@@ -71,6 +71,9 @@ struct ServerOptions {
   uint32_t max_data_xfer_size = kDefaultMaxDataXfer;
   // PCI device id the function reports (tests of device classes the VMM has no model of).
   uint16_t device_id = kDeviceId;
+  // Bytes of opaque pre-copy data the device offers in PRE_COPY (a device with a large state,
+  // e.g. firmware tables): a fixed pattern that leads its migration stream; RESUMING checks it.
+  uint64_t precopy_bytes = 0;
   // Honour kRegReplyDelayMs (off for fuzzing, where a random write could stall the server).
   bool allow_reply_delay = true;
 };
@@ -144,6 +147,7 @@ class TestDeviceServer {
   void DeliverPending();
   bool VectorMasked(uint32_t v) const;
   int SetMigState(vfio::MigState to);
+  std::vector<uint8_t> PrecopyPart() const;  // options_.precopy_bytes of a fixed pattern
   std::vector<uint8_t> SaveBlob();
   bool LoadBlob(const std::vector<uint8_t>& blob);
 
