@@ -428,13 +428,15 @@ class RawMigrationClientTest : public MigrationFaultsTest {
     c->rw = mig_->Control(&c->ctx);
     return c;
   }
-  // Sends `h`; true if the destination answered HeaderAccepted.
-  bool SendHeader(Control& c, const MigrationHeader& h) {
+  // Sends `h`; true if the destination answered HeaderAccepted (into *accepted if given).
+  bool SendHeader(Control& c, const MigrationHeader& h, HeaderAccepted* accepted = nullptr) {
     SourceMessage m;
     *m.mutable_header() = h;
     if (!c.rw->Write(m)) return false;
     DestinationMessage reply;
-    return c.rw->Read(&reply) && reply.has_accepted();
+    if (!c.rw->Read(&reply) || !reply.has_accepted()) return false;
+    if (accepted != nullptr) *accepted = reply.accepted();
+    return true;
   }
   // Sends a header that must be refused; returns the Control call's status.
   grpc::Status HeaderRefusal(const MigrationHeader& h) {
@@ -649,15 +651,14 @@ TEST_F(RawMigrationClientTest, PageCountMismatchIsDataLoss) {
 TEST_F(RawMigrationClientTest, FlushIsAnsweredOnceThePagesArrived) {
   REQUIRE_KVM();
   auto c = OpenControl();
-  SourceMessage m;
-  *m.mutable_header() = ValidHeader("mig-flush");
-  ASSERT_TRUE(c->rw->Write(m));
-  DestinationMessage reply;
-  ASSERT_TRUE(c->rw->Read(&reply) && reply.has_accepted()) << ReadFileOrEmpty(dir_.File("dst.err"));
-  EXPECT_TRUE(reply.accepted().flush()) << "destination does not offer Flush";
+  HeaderAccepted accepted;
+  ASSERT_TRUE(SendHeader(*c, ValidHeader("mig-flush"), &accepted))
+      << ReadFileOrEmpty(dir_.File("dst.err"));
+  EXPECT_TRUE(accepted.flush()) << "destination does not offer Flush";
   grpc::Status ps = SendPages({Batch("mig-flush"), Batch("mig-flush", {Zero(0), Raw(0x1000)})});
   ASSERT_TRUE(ps.ok()) << ps.error_message();
-  m.Clear();
+  SourceMessage m;
+  DestinationMessage reply;
   m.mutable_flush()->add_pages_per_stream(2);
   ASSERT_TRUE(c->rw->Write(m));
   ASSERT_TRUE(c->rw->Read(&reply));
@@ -694,13 +695,11 @@ TEST_F(RawMigrationClientTest, FlushBeyondAClosedStreamIsDataLoss) {
 TEST_F(RawMigrationClientTest, DeviceDataWithAGapIsRefused) {
   REQUIRE_KVM();
   auto c = OpenControl();
+  HeaderAccepted accepted;
+  ASSERT_TRUE(SendHeader(*c, ValidHeader("mig-devdata-gap"), &accepted))
+      << ReadFileOrEmpty(dir_.File("dst.err"));
+  EXPECT_TRUE(accepted.device_data());
   SourceMessage m;
-  *m.mutable_header() = ValidHeader("mig-devdata-gap");
-  ASSERT_TRUE(c->rw->Write(m));
-  DestinationMessage reply;
-  ASSERT_TRUE(c->rw->Read(&reply) && reply.has_accepted()) << ReadFileOrEmpty(dir_.File("dst.err"));
-  EXPECT_TRUE(reply.accepted().device_data());
-  m.Clear();
   m.mutable_device_data()->set_slot(3);
   m.mutable_device_data()->set_offset(5);
   m.mutable_device_data()->set_data("later");
