@@ -12,6 +12,22 @@ namespace {
 
 constexpr uint64_t kRecordHeader = 12;  // gpa + codec + length on the wire (as EncodePage)
 
+// Offers pages spread evenly over `pages` (every n/max-th) to `take(gpa, host)` until it has
+// accepted `max` of them (it returns whether it did).
+template <typename Take>
+void ForSpreadPages(GuestMemory& mem, const DirtySet& pages, uint32_t max, Take&& take) {
+  const uint64_t n = pages.Count();
+  if (n == 0 || max == 0) return;
+  const uint64_t stride = std::max<uint64_t>(1, n / max);
+  uint64_t k = 0;
+  uint32_t taken = 0;
+  pages.ForEachSetPage([&](uint64_t gpa) {
+    if (k++ % stride != 0 || taken >= max) return;
+    auto host = mem.HostPtr(gpa, kPageSize);
+    if (host.ok() && take(gpa, *host)) ++taken;
+  });
+}
+
 }  // namespace
 
 absl::Status PageEncoder::SetCompression(bool on, uint32_t threads) {
@@ -106,8 +122,7 @@ absl::StatusOr<uint64_t> PageEncoder::Encode(
 PageEncoder::Sample PageEncoder::SampleCompressibility(GuestMemory& mem, const DirtySet& pages,
                                                        uint32_t max) {
   Sample s;
-  const uint64_t n = pages.Count();
-  if (n == 0 || max == 0) return s;
+  if (max == 0 || pages.Empty()) return s;
   if (sampler_ == nullptr) {
     PageCompressorOptions o;
     o.threads = 1;
@@ -117,13 +132,10 @@ PageEncoder::Sample PageEncoder::SampleCompressibility(GuestMemory& mem, const D
     if (!c.ok()) return s;
     sampler_ = std::move(*c);
   }
-  const uint64_t stride = std::max<uint64_t>(1, n / max);
   std::vector<PageCompressor::Page> sample;
-  uint64_t k = 0;
-  pages.ForEachSetPage([&](uint64_t gpa) {
-    if (k++ % stride != 0 || sample.size() >= max) return;
-    auto host = mem.HostPtr(gpa, kPageSize);
-    if (host.ok()) sample.push_back({gpa, *host});
+  ForSpreadPages(mem, pages, max, [&](uint64_t gpa, const uint8_t* host) {
+    sample.push_back({gpa, host});
+    return true;
   });
   if (sample.empty()) return s;
   const PageCompressorStats before = sampler_->stats();
@@ -169,20 +181,12 @@ PageEncoder::DeltaSample PageEncoder::SampleDelta(GuestMemory& mem, const DirtyS
   // 2. New probe: up to `max` non-zero pages spread evenly over `pages`. A stable working set
   //    gives the same gpas pass after pass, so most of them are comparable next time.
   probe_gpas_.clear();
-  const uint64_t n = pages.Count();
-  if (n == 0 || max == 0) {
-    probe_data_.clear();
-    return s;
-  }
   probe_data_.resize(static_cast<size_t>(max) * kPageSize);
-  const uint64_t stride = std::max<uint64_t>(1, n / max);
-  uint64_t k = 0;
-  pages.ForEachSetPage([&](uint64_t gpa) {
-    if (k++ % stride != 0 || probe_gpas_.size() >= max) return;
-    auto host = mem.HostPtr(gpa, kPageSize);
-    if (!host.ok() || IsZeroPage(*host)) return;
-    std::memcpy(probe_data_.data() + probe_gpas_.size() * kPageSize, *host, kPageSize);
+  ForSpreadPages(mem, pages, max, [&](uint64_t gpa, const uint8_t* host) {
+    if (IsZeroPage(host)) return false;
+    std::memcpy(probe_data_.data() + probe_gpas_.size() * kPageSize, host, kPageSize);
     probe_gpas_.push_back(gpa);
+    return true;
   });
   probe_data_.resize(probe_gpas_.size() * kPageSize);
   return s;

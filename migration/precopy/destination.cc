@@ -1,7 +1,6 @@
 #include "migration/precopy/destination.h"
 
 #include <cstring>
-#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -192,9 +191,7 @@ absl::Status MigrationDestination::RunControl(
   if (!msg.has_complete()) return absl::InvalidArgumentError("expected Complete");
   const Complete& c = msg.complete();
   if (absl::Status s = WaitStreamsClosed(0, c.pages_per_stream()); !s.ok()) return s;
-  VmState state = c.state();
-  if (absl::Status s = MergeDeviceData(state); !s.ok()) return s;
-  if (absl::Status s = vm->RestoreState(state); !s.ok()) return s;
+  if (absl::Status s = RestoreMigratedState(vm, c.state()); !s.ok()) return s;
   reply.Clear();
   reply.mutable_ready();
   if (!stream->Write(reply)) return absl::UnavailableError("source went away before Go");
@@ -236,8 +233,8 @@ absl::Status MigrationDestination::AddDeviceData(const DeviceData& d) {
   return absl::OkStatus();
 }
 
-absl::Status MigrationDestination::MergeDeviceData(VmState& state) {
-  std::set<uint32_t> used;
+absl::Status MigrationDestination::RestoreMigratedState(Vm* vm, VmState state) {
+  // Each device's pre-copy data goes in front of the rest of its stream.
   for (VfioDeviceState& d : *state.mutable_vfio_devices()) {
     auto it = device_data_.find(d.slot());
     const uint64_t have = it == device_data_.end() ? 0 : it->second.size();
@@ -245,19 +242,19 @@ absl::Status MigrationDestination::MergeDeviceData(VmState& state) {
       return absl::DataLossError(absl::StrFormat(
           "the %s device at slot %d continues its migration stream at byte %d, but %d bytes of "
           "it arrived before", d.kind(), d.slot(), d.blob_offset(), have));
-    if (have == 0) continue;
+    if (it == device_data_.end()) continue;
     d.mutable_pci()->set_device_blob(it->second + d.pci().device_blob());
     d.set_blob_offset(0);
-    used.insert(d.slot());
+    device_data_.erase(it);
   }
-  for (const auto& [slot, data] : device_data_)
-    if (!used.count(slot) && !data.empty())
+  for (const auto& [slot, data] : device_data_)  // what is left belongs to no device
+    if (!data.empty())
       return absl::InvalidArgumentError(absl::StrFormat(
           "device pre-copy data arrived for PCI slot %d, which has no device in the VM state",
           slot));
   device_data_.clear();
   device_data_bytes_ = 0;
-  return absl::OkStatus();
+  return vm->RestoreState(state);
 }
 
 absl::Status MigrationDestination::WaitStreamsReached(
@@ -628,9 +625,7 @@ absl::Status MigrationDestination::RunPostcopy(
     received_.resize(streams_, 0);
     stream_state_.resize(streams_, 0);
   }
-  VmState state = sp.state();
-  if (absl::Status s = MergeDeviceData(state); !s.ok()) return s;
-  if (absl::Status s = vm->RestoreState(state); !s.ok()) return s;
+  if (absl::Status s = RestoreMigratedState(vm, sp.state()); !s.ok()) return s;
   if (vm->passthrough_devices() > 0) {
     // Passthrough devices DMA only into pages that are here (their doorbells wait for them).
     PostcopyMemory* pc = postcopy_.get();

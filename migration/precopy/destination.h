@@ -48,9 +48,10 @@ class MigrationDestination final : public Migration::Service {
   absl::Status WaitStreamsClosed(uint32_t first, const google::protobuf::RepeatedField<uint64_t>& counts);
   // Pre-copy Flush: waits until every pre-copy page stream delivered at least `counts` records.
   // Passthrough devices' pre-copy data (DeviceData), kept per PCI slot until the state comes;
-  // MergeDeviceData puts it in front of each device's blob and checks nothing is missing.
+  // RestoreMigratedState puts it in front of each device's blob (checking that nothing is
+  // missing or left over) and restores the VM.
   absl::Status AddDeviceData(const DeviceData& d);
-  absl::Status MergeDeviceData(VmState& state);
+  absl::Status RestoreMigratedState(Vm* vm, VmState state);
   static constexpr size_t kMaxDeviceDataChunk = size_t{1} << 20;
   static constexpr uint64_t kMaxDeviceData = uint64_t{1} << 30;
   std::map<uint32_t, std::string> device_data_;  // control thread only

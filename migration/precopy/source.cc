@@ -577,8 +577,12 @@ absl::Status MigrationSource::Session::Run() {
   absl::Time last_sync = absl::Now();
   uint64_t bandwidth = 0;
   uint64_t effective_bandwidth = 0;  // guest-page bytes/s before encoding (compression shows)
-  uint64_t last_io_bytes = 0;        // guest disk + network bytes at the previous pass
-  for (const DeviceStatus& d : vm_->DeviceStatuses()) last_io_bytes += d.io_bytes();
+  auto guest_io_bytes = [this] {  // guest disk + network bytes so far
+    uint64_t io = 0;
+    for (const DeviceStatus& d : vm_->DeviceStatuses()) io += d.io_bytes();
+    return io;
+  };
+  uint64_t last_io_bytes = guest_io_bytes();  // at the previous pass
   Progress([&](MigrationProgress& p) { p.set_phase(MIGRATION_PRECOPY); });
   for (;;) {
     if (Cancelled()) return absl::CancelledError("migration cancelled");
@@ -589,6 +593,7 @@ absl::Status MigrationSource::Session::Run() {
     if (absl::Status s = tracker.Sync(fresh, &sync_stats); !s.ok()) return s;
     // Pages passthrough devices wrote by DMA (and their pre-copy data, read as it comes).
     if (auto pt = vm_->SyncPassthroughMigration(fresh); !pt.ok()) return pt.status();
+    const absl::Duration sync_time = absl::Now() - sync_start;  // taken again at the switchover
     // That data travels now, while the guest runs, not in the state at the switchover.
     if (device_data) {
       for (Vm::PassthroughData& d : vm_->TakePassthroughPrecopyData(kDeviceDataChunk)) {
@@ -601,14 +606,13 @@ absl::Status MigrationSource::Session::Run() {
         if (!control->Write(msg)) return control_error("during pre-copy");
       }
     }
-    const absl::Duration sync_time = absl::Now() - sync_start;
     if (hints_) hints_->ClearDirty(fresh);  // written since their hint: send them
     dirty.Or(fresh);
     absl::Time now = absl::Now();
-    const absl::Time prev_sync = last_sync;
+    const double since_sync = absl::ToDoubleSeconds(now - last_sync);
     uint64_t remaining = dirty.Count();
     uint64_t dirty_rate =
-        iteration == 0 ? 0 : static_cast<uint64_t>(remaining / std::max(1e-6, absl::ToDoubleSeconds(now - last_sync)));
+        iteration == 0 ? 0 : static_cast<uint64_t>(remaining / std::max(1e-6, since_sync));
     last_sync = now;
     const uint64_t rate = adaptive_ ? effective_bandwidth : bandwidth;
     absl::Duration expected =
@@ -623,15 +627,14 @@ absl::Status MigrationSource::Session::Run() {
       m.set_dirty_bytes_per_s(dirty_rate * kPageSize);
       // Per vCPU where the dirty ring tells who wrote (bitmap mode: none).
       for (const VcpuDirtyCount& c : sync_stats.per_vcpu)
-        m.add_vcpu_dirty_bytes_per_s(static_cast<uint64_t>(
-            c.pages * kPageSize / std::max(1e-3, absl::ToDoubleSeconds(now - prev_sync))));
+        m.add_vcpu_dirty_bytes_per_s(
+            static_cast<uint64_t>(c.pages * kPageSize / std::max(1e-3, since_sync)));
       m.set_bandwidth_bytes_per_s(effective_bandwidth);
       m.set_downtime_limit_ms(absl::ToInt64Milliseconds(opt.downtime_limit));
-      uint64_t io = 0;  // guest disk + network bytes so far
-      for (const DeviceStatus& d : vm_->DeviceStatuses()) io += d.io_bytes();
+      const uint64_t io = guest_io_bytes();
       if (io >= last_io_bytes)
-        m.set_guest_io_bytes_per_s(static_cast<uint64_t>(
-            (io - last_io_bytes) / std::max(1e-3, absl::ToDoubleSeconds(now - prev_sync))));
+        m.set_guest_io_bytes_per_s(
+            static_cast<uint64_t>((io - last_io_bytes) / std::max(1e-3, since_sync)));
       last_io_bytes = io;
       m.set_expected_downtime_ms(expected == absl::InfiniteDuration()
                                      ? UINT32_MAX
