@@ -31,7 +31,6 @@ class RealVfioSys final : public VfioSys {
   void* Mmap(void* addr, size_t length, int prot, int flags, int fd, off_t offset) override {
     return ::mmap(addr, length, prot, flags, fd, offset);
   }
-  int Munmap(void* addr, size_t length) override { return ::munmap(addr, length); }
   int Readlink(const std::string& path, std::string* target) override {
     char buf[PATH_MAX];
     ssize_t n = ::readlink(path.c_str(), buf, sizeof(buf));

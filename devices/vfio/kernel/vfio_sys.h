@@ -29,7 +29,6 @@ class VfioSys {
   virtual ssize_t Read(int fd, void* buf, size_t count) = 0;
   virtual ssize_t Write(int fd, const void* buf, size_t count) = 0;
   virtual void* Mmap(void* addr, size_t length, int prot, int flags, int fd, off_t offset) = 0;
-  virtual int Munmap(void* addr, size_t length) = 0;
   // Target of the symlink at `path` (not resolved further). -1/errno on failure.
   virtual int Readlink(const std::string& path, std::string* target) = 0;
   // Entry names of directory `path`, without "." and "..". -1/errno on failure.

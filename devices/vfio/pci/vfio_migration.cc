@@ -139,10 +139,7 @@ absl::Status VfioMigrationDriver::Resume(std::span<const uint8_t> blob, bool run
     // RESUMING -> STOP is where the device validates and commits the stream.
     if (s.ok()) s = Step(MigState::kStop);
   }
-  if (s.ok() && run) {
-    if (caps_.p2p) s = Step(MigState::kRunningP2p);
-    if (s.ok()) s = Step(MigState::kRunning);
-  }
+  if (s.ok() && run) s = RunLocked();  // from STOP
   if (!s.ok()) {
     // Leave the device usable (RUNNING, state lost) rather than stuck in RESUMING/ERROR.
     if (absl::Status c = CancelLocked(); !c.ok())
@@ -154,6 +151,10 @@ absl::Status VfioMigrationDriver::Resume(std::span<const uint8_t> blob, bool run
 
 absl::Status VfioMigrationDriver::Run() {
   auto lock = Lock();
+  return RunLocked();
+}
+
+absl::Status VfioMigrationDriver::RunLocked() {
   if (state_ == MigState::kRunning) return absl::OkStatus();
   if (state_ != MigState::kStop)
     return absl::FailedPreconditionError(
@@ -213,7 +214,8 @@ const char* DirtySourceName(DirtySource s) {
 absl::Status VfioMigrationDriver::StartDirtyTracking(std::vector<DmaRange> ranges,
                                                      uint64_t page_size) {
   auto lock = Lock();
-  if (tracking_) return absl::FailedPreconditionError(dev_.name() + ": dirty tracking is on");
+  if (source_ != DirtySource::kNone)
+    return absl::FailedPreconditionError(dev_.name() + ": dirty tracking is on");
   if (ranges.empty() || page_size == 0 || (page_size & (page_size - 1)))
     return absl::InvalidArgumentError(dev_.name() + ": dirty tracking needs ranges and a page size");
   DirtySource source = DirtySource::kDeviceDmaLog;
@@ -235,13 +237,13 @@ absl::Status VfioMigrationDriver::StartDirtyTracking(std::vector<DmaRange> range
   source_ = source;
   ranges_ = std::move(ranges);
   page_size_ = page_size;
-  tracking_ = true;
   return absl::OkStatus();
 }
 
 absl::Status VfioMigrationDriver::SyncDirty(const DirtyFn& fn) {
   auto lock = Lock();
-  if (!tracking_) return absl::FailedPreconditionError(dev_.name() + ": dirty tracking is off");
+  if (source_ == DirtySource::kNone)
+    return absl::FailedPreconditionError(dev_.name() + ": dirty tracking is off");
   for (const DmaRange& r : ranges_) {
     uint64_t pages = (r.size + page_size_ - 1) / page_size_;
     std::vector<uint64_t> bitmap((pages + 63) / 64, 0);
@@ -269,8 +271,7 @@ absl::Status VfioMigrationDriver::SyncDirty(const DirtyFn& fn) {
 
 absl::Status VfioMigrationDriver::StopDirtyTracking() {
   auto lock = Lock();
-  if (!tracking_) return absl::OkStatus();
-  tracking_ = false;
+  if (source_ == DirtySource::kNone) return absl::OkStatus();
   const DirtySource source = std::exchange(source_, DirtySource::kNone);
   switch (source) {
     case DirtySource::kDeviceDmaLog: return dev_.StopDmaLogging();

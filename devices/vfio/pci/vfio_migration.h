@@ -97,7 +97,7 @@ class VfioMigrationDriver {
   using DirtyFn = std::function<void(const DmaRange&, std::span<const uint64_t> bitmap)>;
   absl::Status SyncDirty(const DirtyFn& fn);
   absl::Status StopDirtyTracking();
-  bool dirty_tracking() const { return tracking_; }
+  bool dirty_tracking() const { return source_ != DirtySource::kNone; }
   DirtySource dirty_source() const { return source_; }
   bool fallback() const { return source_ == DirtySource::kAllMapped; }
 
@@ -109,6 +109,7 @@ class VfioMigrationDriver {
   }
   absl::Status Step(MigState to);  // one arc, with the device name in errors
   absl::Status ReadAvailable(size_t max_bytes, size_t* got);
+  absl::Status RunLocked();  // Run() with the lock held
   absl::Status CancelLocked();
 
   VfioDevice& dev_;
@@ -116,8 +117,7 @@ class VfioMigrationDriver {
   const MigrationCaps caps_;
   MigState state_ = MigState::kRunning;
   std::string blob_;
-  // Dirty tracking.
-  bool tracking_ = false;
+  // Dirty tracking (kNone: off).
   DirtySource source_ = DirtySource::kNone;
   uint64_t page_size_ = 4096;
   std::vector<DmaRange> ranges_;

@@ -27,6 +27,12 @@ constexpr uint16_t kMsiCtl64Bit = 1u << 7;
 constexpr uint16_t kMsiCtlMaskable = 1u << 8;   // per-vector masking capable
 constexpr uint32_t kMsiMaxVectors = 32;
 
+// Bytes of an MSI capability whose message control is `flags`: 64-bit address adds 4, per-vector
+// masking adds mask + pending (+ reserved).
+uint32_t MsiCapBytes(uint16_t flags) {
+  return ((flags & kMsiCtl64Bit) ? 14 : 10) + ((flags & kMsiCtlMaskable) ? 10 : 0);
+}
+
 uint32_t Le(std::span<const uint8_t> b, uint32_t off, unsigned size) {
   uint32_t v = 0;
   for (unsigned i = 0; i < size && off + i < b.size(); ++i) v |= uint32_t{b[off + i]} << (8 * i);
@@ -53,12 +59,7 @@ uint32_t CapLength(std::span<const uint8_t> phys, uint32_t off, uint32_t limit) 
   switch (id) {
     case pci::kCapIdPowerManagement: len = 8; break;
     case pci::kCapIdMsix: len = pci::kMsixCapabilityBytes; break;
-    case pci::kCapIdMsi: {
-      uint16_t flags = static_cast<uint16_t>(Le(phys, off + 2, 2));
-      len = (flags & 0x80) ? 14 : 10;  // 64-bit address
-      if (flags & 0x100) len += 10;    // per-vector masking: mask + pending (+ reserved)
-      break;
-    }
+    case pci::kCapIdMsi: len = MsiCapBytes(static_cast<uint16_t>(Le(phys, off + 2, 2))); break;
     case pci::kCapIdPciExpress:
       len = (phys[off + 2] & 0xf) >= 2 ? 0x3c : 0x14;  // PCIe capability version
       break;
@@ -136,7 +137,6 @@ absl::Status VfioPciDevice::Init(std::span<const uint8_t> phys) {
     if (absl::Status s = config_.AddBar(i, type, size, prefetch); !s.ok())
       return absl::Status(s.code(), absl::StrCat(dev_->name(), ": ", s.message()));
     bars_[i] = *ri;
-    bar_sizes_[i] = ri->size;
     if (type == BarType::kMem64) ++i;  // upper half
   }
   // Status: the device's, minus the capability bit (set below if any capability is kept).
@@ -207,10 +207,7 @@ absl::Status VfioPciDevice::BuildCapabilities(std::span<const uint8_t> phys) {
                      config_.ReadRaw(pci::kRegStatus, 2) | pci::kStatusCapabilities);
   if (msix_cap_) {
     uint32_t ctl = *msix_cap_ + 2;
-    // Out of reset: MSI-X disabled, function unmasked; the guest may set those two bits.
-    config_.WriteRaw(ctl, 2,
-                     config_.ReadRaw(ctl, 2) &
-                         ~uint32_t{pci::kMsixControlEnable | pci::kMsixControlFunctionMask});
+    ResetMsixShadow();  // the guest may set the two bits it clears
     config_.SetWriteMask(ctl, 2, pci::kMsixControlEnable | pci::kMsixControlFunctionMask);
     config_.AddWriteObserver(ctl, 2, [this] { OnMsixControl(); });
   }
@@ -222,7 +219,7 @@ absl::Status VfioPciDevice::SetUpMsi(std::span<const uint8_t> phys, uint32_t cap
   // MSI is optional (INTx remains): every problem hides it with a warning instead of failing.
   uint16_t flags = static_cast<uint16_t>(Le(phys, cap + 2, 2));
   bool is64 = flags & kMsiCtl64Bit, maskable = flags & kMsiCtlMaskable;
-  uint32_t need = (is64 ? 14 : 10) + (maskable ? 10 : 0);
+  uint32_t need = MsiCapBytes(flags);
   if (len < need) {
     LOG_WARN("%s: MSI capability at %#x overlaps the next one; MSI hidden", dev_->name(), cap);
     return absl::OkStatus();
@@ -269,6 +266,14 @@ void VfioPciDevice::InitMsiShadow() {
   config_.AddWriteObserver(cap + 2, msi_len_ - 2, [this] { OnMsiWrite(); });
 }
 
+void VfioPciDevice::ResetMsixShadow() {
+  // Out of reset: MSI-X disabled, function unmasked.
+  uint32_t ctl = *msix_cap_ + 2;
+  config_.WriteRaw(ctl, 2,
+                   config_.ReadRaw(ctl, 2) &
+                       ~uint32_t{pci::kMsixControlEnable | pci::kMsixControlFunctionMask});
+}
+
 void VfioPciDevice::ResetMsiShadow() {
   const uint32_t cap = *msi_cap_;
   uint32_t log2n = 0;
@@ -287,8 +292,8 @@ absl::Status VfioPciDevice::SetUpMsix(std::span<const uint8_t> phys, uint32_t ca
   uint64_t toff = table & ~7u, poff = pba & ~7u;
   uint64_t tlen = uint64_t{pci::kMsixEntryBytes} * n, plen = 8 * ((uint64_t{n} + 63) / 64);
   auto fits = [&](int bar, uint64_t off, uint64_t len) {
-    return bar < 6 && bar_sizes_[bar] != 0 && config_.bar_type(bar) != BarType::kIo &&
-           off + len <= bar_sizes_[bar];
+    return bar < 6 && bars_[bar].size != 0 && config_.bar_type(bar) != BarType::kIo &&
+           off + len <= bars_[bar].size;
   };
   if (!fits(tbar, toff, tlen) || !fits(pbar, poff, plen))
     return absl::FailedPreconditionError(absl::StrFormat(
@@ -644,7 +649,7 @@ VfioPciDevice::MsixPart VfioPciDevice::MsixHit(int bar, uint64_t offset, uint64_
 }
 
 bool VfioPciDevice::InRegion(int bar, uint64_t offset, uint64_t len) const {
-  return len <= bar_sizes_[bar] && offset <= bar_sizes_[bar] - len;
+  return len <= bars_[bar].size && offset <= bars_[bar].size - len;
 }
 
 void VfioPciDevice::ReadBar(int bar, uint64_t offset, std::span<uint8_t> data) {
@@ -791,8 +796,7 @@ absl::Status VfioPciDevice::DetachDma() {
 
 absl::Status VfioPciDevice::Reset() {
   if (detached_) return absl::FailedPreconditionError(name() + ": detached");
-  if (msix_connected_) NoteError(ConnectMsix(false));  // INTx is back on after this
-  if (msi_connected_) NoteError(ConnectMsi(false, 0));
+  DisconnectMsis([this](absl::Status s) { NoteError(s); });  // INTx is back on after this
   absl::Status s;
   {
     std::lock_guard lock(dev_mu_);
@@ -800,10 +804,7 @@ absl::Status VfioPciDevice::Reset() {
   }
   if (msix_) {
     msix_->Reset();
-    uint32_t ctl = *msix_cap_ + 2;
-    config_.WriteRaw(ctl, 2,
-                     config_.ReadRaw(ctl, 2) &
-                         ~uint32_t{pci::kMsixControlEnable | pci::kMsixControlFunctionMask});
+    ResetMsixShadow();
   }
   if (msi_) {
     msi_->Reset();
@@ -815,6 +816,11 @@ absl::Status VfioPciDevice::Reset() {
   return s;
 }
 
+void VfioPciDevice::DisconnectMsis(absl::FunctionRef<void(absl::Status)> note) {
+  if (msix_connected_) note(ConnectMsix(false));
+  if (msi_connected_) note(ConnectMsi(false, 0));
+}
+
 absl::Status VfioPciDevice::Detach() {
   if (detached_) return absl::OkStatus();
   absl::Status first;
@@ -822,8 +828,7 @@ absl::Status VfioPciDevice::Detach() {
     if (first.ok() && !s.ok()) first = s;
   };
   if (migration_ && migration_->dirty_tracking()) note(migration_->StopDirtyTracking());
-  if (msix_connected_) note(ConnectMsix(false));
-  if (msi_connected_) note(ConnectMsi(false, 0));
+  DisconnectMsis(note);
   // Stop the device decoding and mastering before its DMA mappings go away.
   config_.WriteRaw(pci::kRegCommand, 2, 0);
   SyncCommand();
@@ -832,7 +837,7 @@ absl::Status VfioPciDevice::Detach() {
     note(ConnectIntxLocked(false));
     detached_ = true;
   }
-  if (intx_routed_ && options_.intx_router)
+  if (intx_routed_)  // only set after intx_router->AssignResampleIrqfd succeeded
     note(options_.intx_router->DeassignResampleIrqfd(intx_trigger_->fd(), options_.intx_gsi));
   intx_routed_ = false;
   ReconcileDirectMaps();  // detached: unmaps everything
@@ -926,8 +931,7 @@ absl::Status VfioPciDevice::RestoreState(const std::string& data, bool run) {
           /*run=*/false);
       !s.ok())
     return s;
-  if (msix_connected_) NoteError(ConnectMsix(false));
-  if (msi_connected_) NoteError(ConnectMsi(false, 0));
+  DisconnectMsis([this](absl::Status s) { NoteError(s); });
   PciConfigState cs = st.config();
   cs.set_regs(merged);
   if (absl::Status s = config_.RestoreState(cs); !s.ok()) return s;

@@ -67,6 +67,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "devices/vfio/pci/dma_footprint.h"
@@ -196,6 +197,7 @@ class VfioPciDevice : public pci::PciDevice {
   absl::Status SetUpMsi(std::span<const uint8_t> phys, uint32_t cap, uint32_t len);
   void InitMsiShadow();   // write masks + observer, then ResetMsiShadow
   void ResetMsiShadow();  // MSI registers to their reset values (disabled, MME 0, zeros)
+  void ResetMsixShadow();  // MSI-X message control to its reset value (disabled, unmasked)
   absl::Status SetUpDirectMaps();
   absl::Status SetUpIntx(uint8_t pin);
   enum class MsixPart { kNone, kTable, kPba, kStraddle };
@@ -209,6 +211,8 @@ class VfioPciDevice : public pci::PciDevice {
   void OnMsiWrite();         // guest wrote the MSI capability
   // enable: device MSI index on with `count` vectors (re-enabled if the count changed).
   absl::Status ConnectMsi(bool enable, uint32_t count);
+  // Turns off whichever of MSI-X / MSI is connected, passing each result to `note`.
+  void DisconnectMsis(absl::FunctionRef<void(absl::Status)> note);
   bool MsiEnableBit() const;
   bool MsixEnableBit() const;
   uint32_t MsiPendingBits() const;
@@ -225,7 +229,6 @@ class VfioPciDevice : public pci::PciDevice {
   pci::PciConfigSpace config_;
   std::array<bool, pci::kConfigHeaderSize> passthrough_{};
   std::array<RegionInfo, 6> bars_{};  // region info per BAR index (size 0: absent)
-  std::array<uint64_t, 6> bar_sizes_{};  // region size as the device reports it
   std::unique_ptr<pci::MsixTable> msix_;
   std::optional<uint32_t> msix_cap_;
   int msix_table_bar_ = -1, msix_pba_bar_ = -1;

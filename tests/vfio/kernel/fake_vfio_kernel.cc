@@ -786,8 +786,6 @@ void* FakeVfioKernel::Mmap(void* addr, size_t length, int prot, int flags, int f
   return ::mmap(addr, length, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 }
 
-int FakeVfioKernel::Munmap(void* addr, size_t length) { return ::munmap(addr, length); }
-
 int FakeVfioKernel::Readlink(const std::string& path, std::string* target) {
   auto it = symlinks.find(path);
   if (it == symlinks.end()) return Fail(ENOENT);

@@ -133,7 +133,6 @@ class FakeVfioKernel : public VfioSys {
   ssize_t Read(int fd, void* buf, size_t count) override;
   ssize_t Write(int fd, const void* buf, size_t count) override;
   void* Mmap(void* addr, size_t length, int prot, int flags, int fd, off_t offset) override;
-  int Munmap(void* addr, size_t length) override;
   int Readlink(const std::string& path, std::string* target) override;
   int ReadDir(const std::string& path, std::vector<std::string>* names) override;
 
