@@ -89,6 +89,14 @@ absl::Status CheckBalloonTarget(uint64_t target_mib, uint64_t memory_mib) {
       "balloon target %d MiB must be below guest memory (%d MiB)", target_mib, memory_mib));
 }
 
+// A file path as a comparison key: its canonical form if it exists, else as given.
+std::string RealPathKey(const std::string& path) {
+  char* real = ::realpath(path.c_str(), nullptr);
+  std::string key = real != nullptr ? real : path;
+  ::free(real);
+  return key;
+}
+
 // The PCI address a --vfio path names, as a comparison key: "/sys/bus/pci/devices/X/",
 // "/sys/devices/.../X" and "X" all name function X (the last path component), case-folded.
 std::string VfioBdf(std::string path) {
@@ -342,6 +350,10 @@ class VmImpl : public Vm {
     std::string what;  // sysfs path or socket, for errors
     vfio::VfioPciDevice* device;
     uint8_t slot;
+    // `s` with "<kind> device <what>: " in front.
+    absl::Status Error(const absl::Status& s) const {
+      return absl::Status(s.code(), absl::StrCat(kind, " device ", what, ": ", s.message()));
+    }
   };
   std::vector<PassthroughRef> Passthrough() const;
   // Reads DMA dirty logs of the migrating functions into `dirty`.
@@ -401,12 +413,17 @@ class VmImpl : public Vm {
     uint8_t pci_slot = 0;
   };
   std::vector<VfioKernelSlot> vfio_;  // config_.vfio; grows on AttachVfio (devices_mu_)
-  // Passthrough migration (source): the functions taking part, and the device state each
-  // returned at StopPassthroughDevices (by the same index), for SaveState. Destination: the
-  // functions RestoreState left stopped, run at Boot().
-  std::vector<PassthroughRef> pt_migrating_;
-  std::vector<std::string> pt_blobs_;
-  std::vector<uint64_t> pt_sent_;  // per pt_migrating_: stream bytes handed out ahead
+  // Passthrough migration (source): each function taking part, with its whole migration stream
+  // once StopPassthroughDevices read it (for SaveState) and how much of it went ahead
+  // (TakePassthroughPrecopyData). Destination: the functions RestoreState left stopped, run at
+  // Boot().
+  struct PassthroughMigrating {
+    PassthroughRef ref;
+    std::string blob;
+    uint64_t sent = 0;
+  };
+  std::vector<PassthroughMigrating> pt_migrating_;
+  bool pt_stopped_ = false;  // StopPassthroughDevices filled the blobs
   std::vector<vfio::VfioPciDevice*> pt_restored_;
   // Post-copy (destination): how to make guest pages present for passthrough DMA.
   EnsurePresentFn pt_ensure_;
@@ -832,16 +849,11 @@ absl::StatusOr<uint8_t> VmImpl::AttachVfioUser(const VfioUserConfig& c) {
   const std::string& socket = c.socket();
   if (socket.empty()) return absl::InvalidArgumentError("vfio-user: no socket path");
   // The same server twice would be one device seen twice (as ValidateDeviceConfig refuses).
-  auto key = [](const std::string& path) {
-    char* real = ::realpath(path.c_str(), nullptr);
-    std::string k = real != nullptr ? real : path;
-    ::free(real);
-    return k;
-  };
+  const std::string key = RealPathKey(socket);
   {
     std::lock_guard lock(devices_mu_);
     for (const VfioUserConfig& v : config_.vfio_user())
-      if (key(v.socket()) == key(socket))
+      if (RealPathKey(v.socket()) == key)
         return absl::AlreadyExistsError(
             absl::StrCat("vfio-user socket '", socket, "' is already attached to this VM"));
   }
@@ -1251,7 +1263,7 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
   if (hotplug_) st.set_pci_hotplug_pending(hotplug_->pending_up());
   // A passthrough function's state lives in the device: only a stop-and-copy reads it.
   std::vector<PassthroughRef> pt = Passthrough();
-  if (!pt.empty() && pt_blobs_.size() != pt.size())
+  if (!pt.empty() && (!pt_stopped_ || pt_migrating_.size() != pt.size()))
     return absl::FailedPreconditionError(absl::StrFormat(
         "cannot save state: the %s device %s was not stopped for migration (its state is read "
         "only by a migration's stop-and-copy)", pt[0].kind, pt[0].what));
@@ -1260,8 +1272,8 @@ absl::StatusOr<VmState> VmImpl::SaveState() {
     d->set_kind(pt[i].kind);
     d->set_slot(pt[i].slot);
     // The start of the stream may have travelled already (TakePassthroughPrecopyData).
-    const uint64_t sent = i < pt_sent_.size() ? pt_sent_[i] : 0;
-    const std::string& blob = pt_blobs_[i];
+    const uint64_t sent = pt_migrating_[i].sent;
+    const std::string& blob = pt_migrating_[i].blob;
     if (sent > blob.size())
       return absl::InternalError(absl::StrCat(pt[i].what, ": more device data sent than read"));
     d->set_blob_offset(sent);
@@ -1356,8 +1368,7 @@ absl::Status VmImpl::RestoreState(const VmState& st) {
     if (absl::Status s = pt[i].device->RestoreState(
             st.vfio_devices(static_cast<int>(i)).pci().SerializeAsString(), /*run=*/false);
         !s.ok())
-      return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
-                                                 s.message()));
+      return pt[i].Error(s);
     pt_restored_.push_back(pt[i].device);
   }
   if (hotplug_) {
@@ -1416,16 +1427,15 @@ absl::StatusOr<int> VmImpl::StartPassthroughMigration() {
           m.status().message()));
     drivers.push_back(*m);
   }
-  pt_migrating_ = pt;
-  pt_blobs_.clear();
-  pt_sent_.assign(pt.size(), 0);
+  pt_migrating_.clear();
+  for (const PassthroughRef& p : pt) pt_migrating_.push_back({p});
+  pt_stopped_ = false;
   for (size_t i = 0; i < pt.size(); ++i) {
     absl::Status s = drivers[i]->StartPreCopy().status();
     if (s.ok()) s = drivers[i]->StartDirtyTracking(pt[i].device->dma_ranges());
     if (!s.ok()) {
       CancelPassthroughMigration();
-      return absl::Status(s.code(), absl::StrCat(pt[i].kind, " device ", pt[i].what, ": ",
-                                                 s.message()));
+      return pt[i].Error(s);
     }
     LOG_INFO("migration: %s device %s: %s, DMA dirty tracking: %s", pt[i].kind, pt[i].what,
              drivers[i]->state() == vfio::MigState::kPreCopy ? "pre-copy" : "no pre-copy",
@@ -1435,33 +1445,25 @@ absl::StatusOr<int> VmImpl::StartPassthroughMigration() {
 }
 
 absl::Status VmImpl::SyncPassthroughDirty(migration::DirtySet& dirty) {
-  for (const PassthroughRef& p : pt_migrating_) {
-    auto m = p.device->migration();
+  for (const PassthroughMigrating& pm : pt_migrating_) {
+    auto m = pm.ref.device->migration();
     if (!m.ok()) return m.status();
     absl::Status s = (*m)->SyncDirty([&](const vfio::DmaRange& r, std::span<const uint64_t> bm) {
-      const uint64_t pages = r.size / kPageSize;
-      for (size_t w = 0; w < bm.size(); ++w)
-        for (uint64_t bits = bm[w]; bits != 0; bits &= bits - 1) {
-          const uint64_t page = w * 64 + static_cast<uint64_t>(__builtin_ctzll(bits));
-          if (page < pages) dirty.Set(r.iova + page * kPageSize);
-        }
+      dirty.OrRange(r.iova, r.size / kPageSize, bm);  // iova = gpa (AttachDma)
     });
-    if (!s.ok())
-      return absl::Status(s.code(), absl::StrCat(p.kind, " device ", p.what, ": ", s.message()));
+    if (!s.ok()) return pm.ref.Error(s);
   }
   return absl::OkStatus();
 }
 
 absl::StatusOr<uint64_t> VmImpl::SyncPassthroughMigration(migration::DirtySet& dirty) {
   uint64_t bytes = 0;
-  for (const PassthroughRef& p : pt_migrating_) {
-    auto m = p.device->migration();
+  for (const PassthroughMigrating& pm : pt_migrating_) {
+    auto m = pm.ref.device->migration();
     if (!m.ok()) return m.status();
     if ((*m)->state() != vfio::MigState::kPreCopy) continue;
     auto n = (*m)->DrainPreCopy(kPassthroughDrainPerPass);
-    if (!n.ok())
-      return absl::Status(n.status().code(),
-                          absl::StrCat(p.kind, " device ", p.what, ": ", n.status().message()));
+    if (!n.ok()) return pm.ref.Error(n.status());
     bytes += *n;
   }
   if (absl::Status s = SyncPassthroughDirty(dirty); !s.ok()) return s;
@@ -1475,18 +1477,17 @@ absl::Status VmImpl::StopPassthroughDevices(migration::DirtySet& dirty) {
       return absl::FailedPreconditionError("passthrough devices are stopped only while paused");
   }
   std::vector<std::string> blobs;
-  for (const PassthroughRef& p : pt_migrating_) {
-    auto m = p.device->migration();
+  for (const PassthroughMigrating& pm : pt_migrating_) {
+    auto m = pm.ref.device->migration();
     if (!m.ok()) return m.status();
     auto blob = (*m)->StopAndCopy();
-    if (!blob.ok())
-      return absl::Status(blob.status().code(), absl::StrCat(p.kind, " device ", p.what, ": ",
-                                                             blob.status().message()));
+    if (!blob.ok()) return pm.ref.Error(blob.status());
     blobs.push_back(std::move(*blob));
   }
   // Stopped: no DMA follows, so this harvest is the last.
   if (absl::Status s = SyncPassthroughDirty(dirty); !s.ok()) return s;
-  pt_blobs_ = std::move(blobs);
+  for (size_t i = 0; i < blobs.size(); ++i) pt_migrating_[i].blob = std::move(blobs[i]);
+  pt_stopped_ = true;
   return absl::OkStatus();
 }
 
@@ -1555,21 +1556,22 @@ absl::Status VmImpl::SetPassthroughPostcopy(EnsurePresentFn ensure) {
 
 std::vector<Vm::PassthroughData> VmImpl::TakePassthroughPrecopyData(size_t max_chunk) {
   std::vector<PassthroughData> out;
-  for (size_t i = 0; i < pt_migrating_.size() && i < pt_sent_.size(); ++i) {
-    auto m = pt_migrating_[i].device->migration();
+  for (PassthroughMigrating& pm : pt_migrating_) {
+    auto m = pm.ref.device->migration();
     if (!m.ok()) continue;
     const std::string_view blob = (*m)->blob();
-    while (pt_sent_[i] < blob.size()) {
-      const size_t n = std::min<size_t>(max_chunk, blob.size() - pt_sent_[i]);
-      out.push_back({pt_migrating_[i].slot, pt_sent_[i], std::string(blob.substr(pt_sent_[i], n))});
-      pt_sent_[i] += n;
+    while (pm.sent < blob.size()) {
+      const size_t n = std::min<size_t>(max_chunk, blob.size() - pm.sent);
+      out.push_back({pm.ref.slot, pm.sent, std::string(blob.substr(pm.sent, n))});
+      pm.sent += n;
     }
   }
   return out;
 }
 
 void VmImpl::CancelPassthroughMigration() {
-  for (const PassthroughRef& p : pt_migrating_) {
+  for (const PassthroughMigrating& pm : pt_migrating_) {
+    const PassthroughRef& p = pm.ref;
     auto m = p.device->migration();
     if (!m.ok()) continue;
     if ((*m)->dirty_tracking())
@@ -1580,8 +1582,7 @@ void VmImpl::CancelPassthroughMigration() {
                 s.message());
   }
   pt_migrating_.clear();
-  pt_blobs_.clear();
-  pt_sent_.clear();
+  pt_stopped_ = false;
 }
 
 absl::Status ApplyLocalSettings(VmConfig& c, const VmConfig& local) {
@@ -1644,10 +1645,7 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
     if (d.serial().size() > 20)
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": serial '", d.serial(), "' is longer than 20 bytes"));
-    char* real = ::realpath(d.path().c_str(), nullptr);
-    std::string key = real != nullptr ? real : d.path();
-    ::free(real);
-    if (!paths.insert(key).second)
+    if (!paths.insert(RealPathKey(d.path())).second)
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": '", d.path(), "' is already used by another disk"));
   }
@@ -1679,10 +1677,7 @@ absl::Status ValidateDeviceConfig(const VmConfig& c) {
     if (sock.empty())
       return absl::InvalidArgumentError(absl::StrCat("vfio-user device ", i, ": no socket path"));
     // One client per server connection: the same server twice would be one device seen twice.
-    char* real = ::realpath(sock.c_str(), nullptr);
-    std::string key = real != nullptr ? real : sock;
-    ::free(real);
-    if (!vfio_sockets.insert(key).second)
+    if (!vfio_sockets.insert(RealPathKey(sock)).second)
       return absl::InvalidArgumentError(absl::StrCat(
           "vfio-user device ", i, ": socket '", sock, "' is already used by another vfio-user device"));
   }

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cassert>
 #include <map>
 
@@ -104,6 +105,20 @@ bool DirtySet::Empty() const {
 void DirtySet::Or(const DirtySet& o) {
   for (size_t i = 0; i < std::min(regions_.size(), o.regions_.size()); ++i)
     regions_[i].Or(o.regions_[i]);
+}
+
+void DirtySet::OrRange(uint64_t gpa, uint64_t pages, std::span<const uint64_t> words) {
+  for (DirtyBitmap& r : regions_) {
+    if (r.gpa() == gpa && r.pages() == pages) {
+      r.OrWords(words);
+      return;
+    }
+  }
+  for (size_t w = 0; w < words.size(); ++w)
+    for (uint64_t bits = words[w]; bits != 0; bits &= bits - 1) {
+      const uint64_t page = w * 64 + static_cast<uint64_t>(std::countr_zero(bits));
+      if (page < pages) Set(gpa + page * kPageSize);
+    }
 }
 
 void DirtySet::SetAll() {

@@ -114,6 +114,10 @@ class DirtySet {
   uint64_t Count() const;
   bool Empty() const;
   void Or(const DirtySet& o);
+  // ORs in `words` (bit i of word w = page 64*w+i of the `pages` pages from `gpa`, e.g. a
+  // device's DMA dirty log): word at a time where the range is exactly one region, else page by
+  // page (pages outside RAM ignored).
+  void OrRange(uint64_t gpa, uint64_t pages, std::span<const uint64_t> words);
   void SetAll();
   void ClearAll();
   // Every dirty page's gpa, ascending per region (convenience; prefer ForEachSetPage for big sets).

@@ -278,6 +278,27 @@ TEST(DirtyBitmapTest, SetTestCountForEachOrAndTail) {
   EXPECT_FALSE(b.Test(1));
 }
 
+// A device's DMA dirty log: word at a time for a range that is a whole region, page by page
+// otherwise; bits past the range or outside RAM are ignored either way.
+TEST(DirtySetTest, OrRangeWholeRegionAndPartialRange) {
+  auto mem = GuestMemory::Create(2 << 20);  // 512 pages from gpa 0
+  ASSERT_TRUE(mem.ok()) << mem.status();
+  DirtySet d = DirtySet::ForMemory(**mem);
+  std::vector<uint64_t> words(9, 0);
+  words[0] = 0x3;         // pages 0, 1
+  words[7] = 1ULL << 63;  // page 511
+  words[8] = ~0ULL;       // beyond the region: ignored
+  d.OrRange(0, 512, words);
+  EXPECT_EQ(d.Gpas(), (std::vector<uint64_t>{0, 0x1000, 511 * 0x1000}));
+  d.ClearAll();
+  std::vector<uint64_t> part = {0x5 | (1ULL << 10)};  // pages 0, 2, 10 of a 4-page range
+  d.OrRange(0x10000, 4, part);
+  EXPECT_EQ(d.Gpas(), (std::vector<uint64_t>{0x10000, 0x12000}));
+  d.ClearAll();
+  d.OrRange(0x1ff000, 2, std::vector<uint64_t>{0x3});  // the second page is past RAM
+  EXPECT_EQ(d.Gpas(), (std::vector<uint64_t>{0x1ff000}));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Capability handling
 

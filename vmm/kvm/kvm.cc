@@ -323,11 +323,13 @@ absl::Status KvmVm::SetGsiRouting(const std::vector<kvm_irq_routing_entry>& entr
 }
 
 namespace {
-absl::Status IrqfdIoctl(int vm_fd, int fd, uint32_t gsi, uint32_t flags, const char* what) {
+absl::Status IrqfdIoctl(int vm_fd, int fd, uint32_t gsi, uint32_t flags, const char* what,
+                        int resample_fd = 0) {
   kvm_irqfd f{};
   f.fd = static_cast<uint32_t>(fd);
   f.gsi = gsi;
   f.flags = flags;
+  f.resamplefd = static_cast<uint32_t>(resample_fd);  // with KVM_IRQFD_FLAG_RESAMPLE
   return Ioctl(vm_fd, KVM_IRQFD, &f, absl::StrCat(what, " gsi ", gsi));
 }
 
@@ -354,12 +356,8 @@ absl::Status KvmVm::AssignIrqfd(int fd, uint32_t gsi) {
 }
 
 absl::Status KvmVm::AssignResampleIrqfd(int fd, int resample_fd, uint32_t gsi) {
-  kvm_irqfd f{};
-  f.fd = static_cast<uint32_t>(fd);
-  f.gsi = gsi;
-  f.flags = KVM_IRQFD_FLAG_RESAMPLE;
-  f.resamplefd = static_cast<uint32_t>(resample_fd);
-  return Ioctl(fd_.get(), KVM_IRQFD, &f, absl::StrCat("KVM_IRQFD resample gsi ", gsi));
+  return IrqfdIoctl(fd_.get(), fd, gsi, KVM_IRQFD_FLAG_RESAMPLE, "KVM_IRQFD resample",
+                    resample_fd);
 }
 
 absl::Status KvmVm::DeassignIrqfd(int fd, uint32_t gsi) {
