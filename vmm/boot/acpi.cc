@@ -5,6 +5,7 @@
 #include <string_view>
 
 #include "absl/strings/str_format.h"
+#include "vmm/boot/aml.h"
 #include "vmm/boot/layout.h"
 #include "vmm/boot/mptable.h"
 
@@ -198,117 +199,13 @@ Bytes BuildRsdp(uint64_t xsdt) {
   return b;
 }
 
-// ---- AML (ACPI 6.0 §19/§20) -----------------------------------------------------------------
-
-constexpr uint8_t kZeroOp = 0x00, kOneOp = 0x01, kNameOp = 0x08, kBytePrefix = 0x0A,
-                  kWordPrefix = 0x0B, kDWordPrefix = 0x0C, kQWordPrefix = 0x0E,
-                  kScopeOp = 0x10, kBufferOp = 0x11, kPackageOp = 0x12, kExtOpPrefix = 0x5B,
-                  kDeviceOp = 0x82;
-
-// PkgLength (§20.2.4) for a package whose contents after the PkgLength are `body` bytes. The
-// encoded length includes the PkgLength bytes themselves. 1 byte up to 63; otherwise the lead
-// byte's bits 7:6 give the number of extra bytes, its bits 3:0 the low nibble.
-Bytes PkgLength(size_t body) {
-  Bytes b;
-  if (body + 1 < 0x40) {
-    Put8(b, body + 1);
-    return b;
-  }
-  for (int extra = 1; extra <= 3; ++extra) {
-    size_t total = body + 1 + extra;
-    if (total < (size_t{1} << (4 + 8 * extra))) {
-      Put8(b, (extra << 6) | (total & 0xF));
-      for (int i = 0; i < extra; ++i) Put8(b, total >> (4 + 8 * i));
-      return b;
-    }
-  }
-  return b;  // > 256 MiB: not reachable for our tables (the caller bounds the total size)
-}
-
-Bytes AmlInteger(uint64_t v) {
-  Bytes b;
-  if (v == 0) {
-    Put8(b, kZeroOp);
-  } else if (v == 1) {
-    Put8(b, kOneOp);
-  } else if (v <= 0xFF) {
-    Put8(b, kBytePrefix);
-    Put8(b, v);
-  } else if (v <= 0xFFFF) {
-    Put8(b, kWordPrefix);
-    Put16(b, v);
-  } else if (v <= 0xFFFFFFFF) {
-    Put8(b, kDWordPrefix);
-    Put32(b, v);
-  } else {
-    Put8(b, kQWordPrefix);
-    Put64(b, v);
-  }
-  return b;
-}
-
-// NameOp NameSeg DataRefObject. `seg` is a 4-character NameSeg, or "\" + NameSeg.
-Bytes AmlName(std::string_view seg, const Bytes& data) {
-  Bytes b;
-  Put8(b, kNameOp);
-  PutStr(b, seg);
-  Append(b, data);
-  return b;
-}
-
-Bytes AmlScope(std::string_view name, const Bytes& terms) {
-  Bytes b;
-  Put8(b, kScopeOp);
-  Append(b, PkgLength(name.size() + terms.size()));
-  PutStr(b, name);
-  Append(b, terms);
-  return b;
-}
-
-Bytes AmlDevice(std::string_view seg, const Bytes& terms) {
-  Bytes b;
-  Put8(b, kExtOpPrefix);
-  Put8(b, kDeviceOp);
-  Append(b, PkgLength(seg.size() + terms.size()));
-  PutStr(b, seg);
-  Append(b, terms);
-  return b;
-}
-
-Bytes AmlBuffer(const Bytes& data) {
-  Bytes size = AmlInteger(data.size());
-  Bytes b;
-  Put8(b, kBufferOp);
-  Append(b, PkgLength(size.size() + data.size()));
-  Append(b, size);
-  Append(b, data);
-  return b;
-}
-
-// PackageOp PkgLength NumElements PackageElementList (§19.6.101; at most 255 elements).
-Bytes AmlPackage(const std::vector<Bytes>& elements) {
-  Bytes body;
-  Put8(body, static_cast<uint8_t>(elements.size()));
-  for (const Bytes& e : elements) Append(body, e);
-  Bytes b;
-  Put8(b, kPackageOp);
-  Append(b, PkgLength(body.size()));
-  Append(b, body);
-  return b;
-}
+// ---- AML (vmm/boot/aml.h) -------------------------------------------------------------------
 
 Bytes AmlEisaId(const char (&id)[8]) {
   Bytes b;
-  Put8(b, kDWordPrefix);
+  Put8(b, aml::kDWordPrefix);
   Put32(b, EisaId(id));
   return b;
-}
-
-// Resource descriptors (§6.4). `ResourceTemplate` = Buffer(descriptors + End Tag).
-Bytes ResourceTemplate(Bytes descriptors) {
-  Put8(descriptors, 0x79);  // End Tag
-  Put8(descriptors, 0);     // checksum 0: "treat as correct"
-  return AmlBuffer(descriptors);
 }
 
 // IO(Decode16, base, base, 1, len) — small I/O port descriptor.
@@ -403,12 +300,12 @@ Bytes BuildPci0(const AcpiConfig& cfg) {
     ResQWordMemory(crs, kMemCacheableRw, w.mmio64_start, w.mmio64_end - 1);
 
   Bytes body;
-  Append(body, AmlName("_HID", AmlEisaId("PNP0A08")));  // PCI Express root bridge
-  Append(body, AmlName("_CID", AmlEisaId("PNP0A03")));  // PCI root bridge
-  Append(body, AmlName("_SEG", AmlInteger(0)));
-  Append(body, AmlName("_BBN", AmlInteger(0)));
-  Append(body, AmlName("_UID", AmlInteger(0)));
-  Append(body, AmlName("_CRS", ResourceTemplate(std::move(crs))));
+  Append(body, aml::Name("_HID", AmlEisaId("PNP0A08")));  // PCI Express root bridge
+  Append(body, aml::Name("_CID", AmlEisaId("PNP0A03")));  // PCI root bridge
+  Append(body, aml::Name("_SEG", aml::Integer(0)));
+  Append(body, aml::Name("_BBN", aml::Integer(0)));
+  Append(body, aml::Name("_UID", aml::Integer(0)));
+  Append(body, aml::Name("_CRS", aml::ResourceTemplate(std::move(crs))));
   // _PRT (ACPI 6.0 §6.2.13): INTx routing of every slot and pin of bus 0, even though virtio
   // devices use MSI-X only — a passthrough function may fall back to INTx. Each entry is
   // Package { Address = slot << 16 | 0xFFFF (any function), Pin (0 = INTA#), Source = 0 (a
@@ -416,12 +313,12 @@ Bytes BuildPci0(const AcpiConfig& cfg) {
   std::vector<Bytes> prt;
   for (uint32_t slot = 0; slot < 32; ++slot) {
     for (uint32_t pin = 0; pin < 4; ++pin) {
-      prt.push_back(AmlPackage({AmlInteger((slot << 16) | 0xFFFF), AmlInteger(pin),
-                                AmlInteger(0), AmlInteger(PciIntxGsi(slot, pin))}));
+      prt.push_back(aml::Package({aml::Integer((slot << 16) | 0xFFFF), aml::Integer(pin),
+                                aml::Integer(0), aml::Integer(PciIntxGsi(slot, pin))}));
     }
   }
-  Append(body, AmlName("_PRT", AmlPackage(prt)));
-  return AmlDevice("PCI0", body);
+  Append(body, aml::Name("_PRT", aml::Package(prt)));
+  return aml::Device("PCI0", body);
 }
 
 // Motherboard resources: the ECAM window. Linux (arch/x86/pci/mmconfig-shared.c) accepts MCFG
@@ -431,10 +328,10 @@ Bytes BuildMotherboardResources(const AcpiConfig& cfg) {
   ResMemory32Fixed(crs, static_cast<uint32_t>(cfg.ecam_base),
                    static_cast<uint32_t>((uint64_t{cfg.ecam_end_bus} + 1) << 20));
   Bytes body;
-  Append(body, AmlName("_HID", AmlEisaId("PNP0C02")));
-  Append(body, AmlName("_UID", AmlInteger(0)));
-  Append(body, AmlName("_CRS", ResourceTemplate(std::move(crs))));
-  return AmlDevice("MRES", body);
+  Append(body, aml::Name("_HID", AmlEisaId("PNP0C02")));
+  Append(body, aml::Name("_UID", aml::Integer(0)));
+  Append(body, aml::Name("_CRS", aml::ResourceTemplate(std::move(crs))));
+  return aml::Device("MRES", body);
 }
 
 Bytes BuildCom1() {
@@ -442,10 +339,10 @@ Bytes BuildCom1() {
   ResIo(crs, 0x3F8, 8);
   ResIrq(crs, 4);
   Bytes body;
-  Append(body, AmlName("_HID", AmlEisaId("PNP0501")));  // 16550A-compatible
-  Append(body, AmlName("_UID", AmlInteger(0)));
-  Append(body, AmlName("_CRS", ResourceTemplate(std::move(crs))));
-  return AmlDevice("COM1", body);
+  Append(body, aml::Name("_HID", AmlEisaId("PNP0501")));  // 16550A-compatible
+  Append(body, aml::Name("_UID", aml::Integer(0)));
+  Append(body, aml::Name("_CRS", aml::ResourceTemplate(std::move(crs))));
+  return aml::Device("COM1", body);
 }
 
 Bytes BuildDsdt(const AcpiConfig& cfg) {
@@ -455,7 +352,7 @@ Bytes BuildDsdt(const AcpiConfig& cfg) {
   if (cfg.com1) Append(sb, BuildCom1());
   Append(sb, cfg.sb_aml);
   Bytes b = TableHeader("DSDT", 2);  // revision 2: 64-bit AML integers
-  Append(b, AmlScope("\\_SB_", sb));
+  Append(b, aml::Scope("\\_SB_", sb));
   return Finish(std::move(b));
 }
 
