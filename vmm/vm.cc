@@ -401,18 +401,15 @@ class VmImpl : public Vm {
     uint8_t pci_slot = 0;
   };
   std::vector<VirtioSlot> virtio_;  // declared before pci_: outlive their transports
-  struct VfioUserSlot {
-    std::string socket;
+  struct PassthroughSlot {
+    std::string what;  // vfio-user socket or sysfs path
     std::shared_ptr<vfio::VfioPciDevice> device;  // shared with pci_
     uint8_t pci_slot = 0;
   };
-  std::vector<VfioUserSlot> vfio_user_;  // DMA-mapped into mem_ until destroyed (Detach)
-  struct VfioKernelSlot {
-    std::string sysfs_path;
-    std::shared_ptr<vfio::VfioPciDevice> device;  // shared with pci_
-    uint8_t pci_slot = 0;
-  };
-  std::vector<VfioKernelSlot> vfio_;  // config_.vfio; grows on AttachVfio (devices_mu_)
+  // DMA-mapped into mem_ until destroyed (Detach); grow on AttachVfioUser / AttachVfio
+  // (devices_mu_).
+  std::vector<PassthroughSlot> vfio_user_;  // config_.vfio_user
+  std::vector<PassthroughSlot> vfio_;       // config_.vfio
   // Passthrough migration (source): each function taking part, with its whole migration stream
   // once StopPassthroughDevices read it (for SaveState) and how much of it went ahead
   // (TakePassthroughPrecopyData). Destination: the functions RestoreState left stopped, run at
@@ -651,18 +648,13 @@ std::vector<DeviceStatus> VmImpl::DeviceStatuses() const {
     out.push_back(std::move(d));
   }
   std::lock_guard lock(devices_mu_);
-  for (const VfioUserSlot& v : vfio_user_) {
-    DeviceStatus d;
-    d.set_kind("vfio-user");
-    d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
-    out.push_back(std::move(d));
-  }
-  for (const VfioKernelSlot& v : vfio_) {
-    DeviceStatus d;
-    d.set_kind("vfio");
-    d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
-    out.push_back(std::move(d));
-  }
+  for (const auto& [kind, slots] : {std::pair{"vfio-user", &vfio_user_}, std::pair{"vfio", &vfio_}})
+    for (const PassthroughSlot& v : *slots) {
+      DeviceStatus d;
+      d.set_kind(kind);
+      d.set_pci_address(absl::StrFormat("0000:00:%02x.0", v.pci_slot));
+      out.push_back(std::move(d));
+    }
   return out;
 }
 
@@ -1405,10 +1397,10 @@ std::vector<VmImpl::PassthroughRef> VmImpl::Passthrough() const {
   std::vector<PassthroughRef> out;
   {
     std::lock_guard lock(devices_mu_);
-    for (const VfioKernelSlot& v : vfio_)
-      out.push_back({"vfio", v.sysfs_path, v.device.get(), v.pci_slot});
-    for (const VfioUserSlot& v : vfio_user_)
-      out.push_back({"vfio-user", v.socket, v.device.get(), v.pci_slot});
+    for (const auto& [kind, slots] :
+         {std::pair{"vfio", &vfio_}, std::pair{"vfio-user", &vfio_user_}})
+      for (const PassthroughSlot& v : *slots)
+        out.push_back({kind, v.what, v.device.get(), v.pci_slot});
   }
   std::sort(out.begin(), out.end(),
             [](const PassthroughRef& a, const PassthroughRef& b) { return a.slot < b.slot; });
